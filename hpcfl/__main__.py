@@ -1,0 +1,5 @@
+"""``python -m hpcfl`` entry point."""
+
+from hpcfl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""Imports every built-in codec module so each registers itself (one line per module)."""
+
+from hpcfl.codecs import basic  # noqa: F401
+from hpcfl.codecs import feedback  # noqa: F401
+from hpcfl.codecs import pipeline  # noqa: F401
+from hpcfl.codecs import cookbook  # noqa: F401

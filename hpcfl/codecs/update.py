@@ -1,0 +1,190 @@
+"""Encode a whole model update into one message, and decode it back.
+
+:class:`UpdateCodec` is the seam between the codec library and the rest of
+hpcfl: it applies the routing plan, runs the lossy or dense codec per slot with
+that client's explicit state, and packs the wire message. It knows nothing of
+MPI; the orchestrator hands its bytes to the transport.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hpcfl.codecs.base import Codec, Ctx, Encoded, PartError
+from hpcfl.codecs.registry import get_codec
+from hpcfl.codecs.routing import RoutingPolicy, Slot
+from hpcfl.codecs.state import CodecState
+from hpcfl.codecs.wire import FLAG_CRC, VERSION, Message, PartRecord, TensorRecord, dtype_code, pack, unpack
+from hpcfl.config.load import canonical_json
+from hpcfl.errors import ConfigError, WireFormatError
+from hpcfl.seeding import derive_seed
+
+__all__ = ["UpdateCodec", "EncodeResult", "DecodeResult"]
+
+
+@dataclass
+class EncodeResult:
+    data: bytes
+    payload_bytes: int
+    header_bytes: int
+    raw_bytes: int
+    recon: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class DecodeResult:
+    update: dict[str, torch.Tensor]
+    payload_bytes: int
+    header_bytes: int
+    flags: dict[str, int]
+
+
+class UpdateCodec:
+    """Routing plan + codecs + wire format for one job.
+
+    Parameters
+    ----------
+    codec, dense : codec configs for lossy- and dense-routed slots.
+    routing : the ``[routing]`` section (see :mod:`hpcfl.codecs.routing`).
+    params : the model's ``(name, shape)`` list, in model order.
+    seed : the job seed; per-slot seeds derive from (seed, round, client, slot).
+    checksum : append a CRC32 trailer to every message.
+    """
+
+    def __init__(self, codec: Mapping | Codec, routing: Mapping, params: Sequence[tuple[str, Sequence[int]]],
+                 *, dense: Mapping | Codec | None = None, seed: int = 0, checksum: bool = False):
+        self.codec = codec if isinstance(codec, Codec) else get_codec(codec, key="codec")
+        dense = routing.get("dense", {"id": "identity"}) if dense is None else dense
+        self.dense = dense if isinstance(dense, Codec) else get_codec(dense, key="routing.dense")
+        for key, c in (("codec", self.codec), ("routing.dense", self.dense)):
+            if c.kind == "transform":
+                raise ConfigError(f"{key}.id", f"{c.codec_id!r} is a transform; put it in a pipeline")
+        if self.dense.decoder_state or self.dense.stateful:
+            raise ConfigError("routing.dense.id", f"{self.dense.codec_id!r} is stateful; the dense route "
+                              "takes a stateless codec (identity, fp16, zstd, ...)")
+        self.policy = RoutingPolicy.from_config(routing)
+        self.params = [(n, tuple(int(s) for s in sh)) for n, sh in params]
+        self.slots: list[Slot] = self.policy.plan(self.params)
+        self.table = [s.shape for s in self.slots]
+        self.seed = int(seed)
+        self.checksum = bool(checksum)
+        self._keys = {id(c): {n: i for i, n in enumerate(c.part_names)} for c in (self.codec, self.dense)}
+        for c in (self.codec, self.dense):
+            if len(c.part_names) > 255:
+                raise ConfigError("codec", f"{c.codec_id!r} declares more than 255 parts")
+        self.config = {
+            "wire_version": VERSION,
+            "codec": self.codec.get_config(),
+            "dense": self.dense.get_config(),
+            "routing": self.policy.to_config(),
+            "slots": [[s.name, list(s.shape), s.route] for s in self.slots],
+        }
+        digest = hashlib.sha256(canonical_json(self.config).encode()).digest()
+        self.hash = int.from_bytes(digest[:8], "little")
+        self.raw_bytes = 4 * sum(s.numel for s in self.slots)
+
+    def codec_for(self, slot: Slot) -> Codec:
+        return self.codec if slot.route == "lossy" else self.dense
+
+    def _ctx(self, slot: Slot, state: CodecState, client: int, round: int, want_recon: bool,
+             side: dict | None, enc_state: bool) -> Ctx:
+        ts = state.for_tensor(slot.name)
+        return Ctx(slot.name, slot.shape, seed=derive_seed(self.seed, round, client, slot.name), round=round,
+                   client=client, want_recon=want_recon, enc_state=ts.enc if enc_state else {},
+                   shared_state=ts.shared, side=side)
+
+    def gather_slot(self, slot: Slot, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if len(slot.members) == 1 and slot.members[0].name == slot.name:
+            return update[slot.name].reshape(slot.shape).float()
+        return torch.cat([update[m.name].reshape(-1).float() for m in slot.members])
+
+    def scatter_slot(self, slot: Slot, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        if len(slot.members) == 1 and slot.members[0].name == slot.name:
+            out[slot.name] = x.reshape(slot.shape)
+            return
+        flat = x.reshape(-1)
+        for m in slot.members:
+            out[m.name] = flat[m.offset:m.offset + m.numel].reshape(m.shape)
+
+    # ------------------------------------------------------------- encoding
+    def encode(self, update: Mapping[str, torch.Tensor], *, client: int, round: int, state: CodecState,
+               want_recon: bool = False, side: dict | None = None) -> EncodeResult:
+        missing = [n for n, _ in self.params if n not in update]
+        if missing:
+            raise KeyError(f"update lacks tensors {missing[:3]}")
+        records = []
+        recon: dict[str, torch.Tensor] | None = {} if want_recon else None
+        for slot in self.slots:
+            codec = self.codec_for(slot)
+            x = self.gather_slot(slot, update)
+            ctx = self._ctx(slot, state, client, round, want_recon, side, enc_state=True)
+            enc = codec.encode(x, ctx)
+            state.for_tensor(slot.name).last_round = round
+            keys = self._keys[id(codec)]
+            parts = []
+            for name, a in enc.parts.items():
+                coding, logical = enc.coding.get(name, (0, a.dtype))
+                parts.append(PartRecord(keys[name], dtype_code(logical), coding, np.ascontiguousarray(a).reshape(-1)))
+            records.append(TensorRecord(slot.index, dtype_code(update[slot.members[0].name].dtype), slot.shape,
+                                        enc.flags, parts))
+            if recon is not None:
+                r = enc.recon if enc.recon is not None else codec.decode(_plain(enc), ctx)
+                self.scatter_slot(slot, r, recon)
+        msg = Message(self.hash, round, client, records, flags=FLAG_CRC if self.checksum else 0)
+        data = pack(msg)
+        return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon)
+
+    # ------------------------------------------------------------- decoding
+    def decode(self, buf, *, client: int | None, round: int | None, state: CodecState) -> DecodeResult:
+        """Validate and decode one client's message with that client's root-side state."""
+        msg = unpack(buf, expect_hash=self.hash, expect_round=round, expect_sender=client, table=self.table)
+        if len(msg.tensors) != len(self.slots):
+            raise WireFormatError("n_tensors", 36, f"{len(msg.tensors)} tensors, expected {len(self.slots)}")
+        out: dict[str, torch.Tensor] = {}
+        flags: dict[str, int] = {}
+        for rec in msg.tensors:
+            slot = self.slots[rec.index]
+            codec = self.codec_for(slot)
+            names = codec.part_names
+            parts: dict[str, np.ndarray] = {}
+            coding: dict[str, tuple[int, np.dtype]] = {}
+            for p in rec.parts:
+                if p.key >= len(names):
+                    raise WireFormatError(f"tensor {slot.name!r} part key", p.offset,
+                                          f"key {p.key} but {codec.codec_id!r} has {len(names)} parts")
+                parts[names[p.key]] = p.data
+                if p.coding:
+                    from hpcfl.codecs.wire import _NP_OF
+
+                    coding[names[p.key]] = (p.coding, _NP_OF[p.dtype])
+            enc = Encoded(parts, rec.flags, coding=coding)
+            ctx = self._ctx(slot, state, msg.sender, msg.round, False, None, enc_state=False)
+            first = rec.parts[0].offset if rec.parts else -1
+            try:
+                x = codec.decode(enc, ctx)
+            except WireFormatError as e:
+                raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id}) {e.field}", first,
+                                      str(e).split("): ", 1)[-1]) from None
+            except (ValueError, IndexError, RuntimeError, TypeError, KeyError) as e:
+                raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id})", first,
+                                      f"{type(e).__name__}: {e}") from None
+            if tuple(x.shape) != slot.shape:
+                raise WireFormatError(f"tensor {slot.name!r}", first, f"decoded shape {tuple(x.shape)} "
+                                      f"!= {slot.shape}")
+            state.for_tensor(slot.name).last_round = msg.round
+            self.scatter_slot(slot, x.float(), out)
+            flags[slot.name] = rec.flags
+        return DecodeResult(out, msg.payload_bytes, msg.header_bytes, flags)
+
+
+def _plain(enc: Encoded) -> Encoded:
+    return Encoded(dict(enc.parts), enc.flags, coding=dict(enc.coding))
+
+
+# PartError subclasses WireFormatError, so codec part checks surface as wire errors.
+assert issubclass(PartError, WireFormatError)
