@@ -4,3 +4,4 @@ from hpcfl.codecs import basic  # noqa: F401
 from hpcfl.codecs import feedback  # noqa: F401
 from hpcfl.codecs import pipeline  # noqa: F401
 from hpcfl.codecs import cookbook  # noqa: F401
+from hpcfl.codecs import sparsify  # noqa: F401

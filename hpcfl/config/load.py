@@ -224,8 +224,9 @@ def _cross_checks(d: dict) -> None:
                           f"({data['n_clients']})")
     if train["full_batch"] and train["algorithm"] != "fedsgd":
         raise ConfigError("train.full_batch", "only applies to train.algorithm = 'fedsgd'")
-    if data["partition"] == "shards" and d["data"]["dataset"] != "synthetic":
-        pass  # class count is checked against the data set when it is loaded
+    if data["partition"] == "natural" and data["dataset"] != "synthetic":
+        raise ConfigError("data.partition", "'natural' applies only to dataset = 'synthetic' "
+                          "(its devices are the clients)")
     for p in d["routing"]["dense_patterns"] + d["routing"]["lossy_patterns"]:
         if not p:
             raise ConfigError("routing.dense_patterns", "empty pattern")

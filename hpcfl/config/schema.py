@@ -52,8 +52,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "seed": Field(int, 0, "Job seed; every other seed is derived from it.", min=0),
         "eval_every": Field(int, 1, "Evaluate the global model every k rounds (and on the last).", min=1),
         "poll_interval": Field(
-            float, 0.001,
-            "Seconds the root sleeps between polls while clients train (0 = busy-wait in MPI).",
+            float, 0.0002,
+            "Longest sleep between polls of a pending MPI request; waits back off from 20 us to this "
+            "(0 = block inside MPI, which busy-polls and steals CPU from training ranks).",
             min=0.0, max=1.0),
         "wire_checksum": Field(bool, False, "Append a CRC32 trailer to every message."),
     },
@@ -61,8 +62,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dataset": Field(str, "digits", "Data set.", choices=DATASETS),
         "path": Field(str, "", "Directory holding the files of mnist, fashion_mnist or cifar10."),
         "n_clients": Field(int, 10, "Number of virtual clients (independent of ranks).", min=1),
-        "partition": Field(str, "iid", "How samples are split among clients.",
-                           choices=("iid", "dirichlet", "shards")),
+        "partition": Field(str, "iid", "How samples are split among clients (natural: the synthetic "
+                           "data set's own devices).", choices=("iid", "dirichlet", "shards", "natural")),
         "alpha": Field(float, 0.5, "Dirichlet concentration (partition = dirichlet).", min=0.0, min_open=True),
         "classes_per_client": Field(int, 2, "Classes per client (partition = shards).", min=1),
         "test_fraction": Field(float, 0.2, "Held-out share for data sets without a test split.",

@@ -1,0 +1,152 @@
+"""``hpcfl run`` and ``hpcfl validate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+
+from hpcfl.cli import register
+from hpcfl.errors import UsageError
+
+RUN_FLAGS = ("set", "out", "overwrite", "progress")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job key (repeatable); VALUE is TOML, e.g. --set train.lr=0.1")
+
+
+@register("validate", "check a job file (schema, codecs, data files, model) without starting MPI")
+def add_validate(p: argparse.ArgumentParser) -> None:
+    _job_args(p)
+    p.add_argument("--json", action="store_true", help="print the validated job as canonical JSON")
+
+
+@register("run", "run a job: launches mpiexec itself unless already under mpiexec or srun")
+def add_run(p: argparse.ArgumentParser) -> None:
+    _job_args(p)
+    p.add_argument("--out", help="HDF5 output path (overrides log.path; {name} {time} {job_id} allowed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--progress", choices=("auto", "tty", "plain", "off"), help="override log.progress")
+    p.add_argument("--no-launch", action="store_true",
+                   help="never start mpiexec; run in this process's MPI world")
+    p.add_argument("--launcher", default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "validate":
+        return _validate(args)
+    return _run(args)
+
+
+def _load(args):
+    from hpcfl.config import load_job
+    from hpcfl.config.validate import validate_job
+
+    job = load_job(args.job, args.set)
+    return job, validate_job(job)
+
+
+def _validate(args) -> int:
+    job, v = _load(args)
+    if args.json:
+        print(job.to_json())
+        return 0
+    lossy = sum(1 for s in v.slots if s.route == "lossy")
+    print(f"{args.job}: ok — {job.run.rounds} rounds, {job.data.n_clients} clients, {job.run.ranks} ranks, "
+          f"model {job.model.name} ({v.n_params} parameters), codec {job.codec['id']} on {lossy} of "
+          f"{len(v.slots)} tensors, job hash {job.hash}")
+    return 0
+
+
+def _run(args) -> int:
+    from hpcfl.run.launch import detect_launcher
+
+    launcher = args.launcher or detect_launcher()
+    if launcher is None and not args.no_launch:
+        return _self_launch(args)
+    return _run_in_mpi(args, launcher or "mpiexec")
+
+
+def _self_launch(args) -> int:
+    """Validate here, then start ``mpiexec -n ranks`` with abort-on-exception."""
+    from hpcfl.run.launch import mpiexec_path
+    from hpcfl.run.orchestrator import resolve_out_path
+    from hpcfl.run.progress import resolve_mode
+
+    job, _ = _load(args)
+    out = resolve_out_path(job, args.out)
+    overwrite = args.overwrite or job.log.overwrite
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite or choose another --out")
+    progress = resolve_mode(args.progress or job.log.progress)
+    cmd = [str(mpiexec_path()), "-n", str(job.run.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfl", "run",
+           args.job, "--out", str(out), "--progress", progress, "--launcher", "self"]
+    for s in args.set:
+        cmd += ["--set", s]
+    if overwrite:
+        cmd.append("--overwrite")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        _mark_failed(out, rc)
+        print(f"hpcfl run: the MPI job exited with code {rc}; completed rounds are in {out}"
+              if out.exists() else f"hpcfl run: the MPI job exited with code {rc}", file=sys.stderr)
+    return rc
+
+
+def _mark_failed(out, rc: int) -> None:
+    """A job killed by MPI_Abort cannot close its file: record the failure from outside."""
+    if not out.exists():
+        return
+    try:
+        import h5py
+
+        with h5py.File(out, "r+") as f:
+            if f.attrs.get("status") == "running":
+                f.attrs["status"] = f"failed: MPI job exited with code {rc}"
+    except OSError:
+        pass
+
+
+def _run_in_mpi(args, launcher: str) -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    try:
+        from hpcfl.config import load_job
+        from hpcfl.run.orchestrator import resolve_out_path, run_job
+        from hpcfl.run.progress import resolve_mode
+
+        job = load_job(args.job, args.set)
+        if launcher != "self":  # the self-launcher validated already
+            from hpcfl.config.validate import validate_job
+
+            validate_job(job)
+        out = resolve_out_path(job, args.out) if rank == 0 else None
+        out = comm.bcast(out, root=0)
+        progress = resolve_mode(args.progress or job.log.progress)
+        run_job(job, out, launcher=launcher, progress_mode=progress if rank == 0 else "off",
+                overwrite=args.overwrite)
+        return 0
+    except UsageError as e:
+        # every rank usually fails the same way: rank 0 speaks, all leave with code 2
+        if rank == 0 or size == 1:
+            print(f"hpcfl run: error: {e}", file=sys.stderr, flush=True)
+        if size > 1:
+            comm.Abort(2)
+        return 2
+    except BaseException as e:  # noqa: BLE001 - any failure must end every rank
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        print(f"hpcfl run: rank {rank}/{size} failed:", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        sys.stderr.flush()
+        if size > 1:
+            comm.Abort(1)
+        return 1

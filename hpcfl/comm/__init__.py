@@ -1,0 +1,1 @@
+"""MPI transport: roles, model broadcast, byte gathers, polling waits. Never imports codecs."""

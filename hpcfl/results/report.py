@@ -1,0 +1,81 @@
+"""``hpcfl report``: a human summary of one or more run files."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from hpcfl.results.reader import Run
+
+__all__ = ["summarize", "format_summary", "PHASES"]
+
+PHASES = ("bcast_s", "wait_s", "gather_s", "records_s", "decode_s", "aggregate_s", "eval_s", "overhead_s")
+
+
+def _nanmax(a: np.ndarray) -> float:
+    a = a[~np.isnan(a)]
+    return float(a.max()) if a.size else math.nan
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """Key figures of a run as a JSON-able dict."""
+    r = run.rounds
+    acc = r["accuracy"] if r.size else np.zeros(0)
+    evaluated = ~np.isnan(acc)
+    s: dict[str, Any] = {
+        "path": str(run.path),
+        "name": run.job.get("run", {}).get("name", ""),
+        "status": run.status,
+        "rounds": run.n_rounds,
+        "codec": run.codec.get("codec", {}).get("id", ""),
+        "final_accuracy": float(acc[evaluated][-1]) if evaluated.any() else math.nan,
+        "best_accuracy": _nanmax(acc),
+        "final_loss": float(r["loss"][evaluated][-1]) if evaluated.any() else math.nan,
+        "uplink_bytes": int(r["uplink_bytes"].sum()) if r.size else 0,
+        "payload_bytes": int(r["payload_bytes"].sum()) if r.size else 0,
+        "header_bytes": int(r["header_bytes"].sum()) if r.size else 0,
+        "raw_bytes": int(r["raw_bytes"].sum()) if r.size else 0,
+        "downlink_bytes": int(r["downlink_bytes"].sum()) if r.size else 0,
+        "wall_s": float(r["wall_time"][-1]) if r.size else 0.0,
+        "round_s_mean": float(np.mean(r["round_s"])) if r.size else math.nan,
+    }
+    s["compression_ratio"] = s["raw_bytes"] / s["uplink_bytes"] if s["uplink_bytes"] else math.nan
+    total = float(np.sum(r["round_s"])) if r.size else 0.0
+    s["phases_s"] = {p: float(np.sum(r[p])) for p in PHASES if r.size}
+    s["phases_share"] = {p: (v / total if total else math.nan) for p, v in s["phases_s"].items()}
+    if run.clients:
+        part = run.clients["participated"].astype(bool)
+        for k in ("train_s", "encode_s", "decode_s"):
+            v = run.clients[k][part]
+            s[f"client_{k}_mean"] = float(v.mean()) if v.size else math.nan
+    return s
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"{s['path']}  [{s['status']}]",
+        f"  run {s['name']!r}  codec {s['codec']}  rounds {s['rounds']}  wall {s['wall_s']:.2f} s",
+        f"  accuracy final {s['final_accuracy']:.4f}  best {s['best_accuracy']:.4f}  "
+        f"loss {s['final_loss']:.4f}",
+        f"  uplink {_bytes(s['uplink_bytes'])} (payload {_bytes(s['payload_bytes'])}, "
+        f"header {_bytes(s['header_bytes'])})  raw {_bytes(s['raw_bytes'])}  "
+        f"ratio {s['compression_ratio']:.2f}x  downlink {_bytes(s['downlink_bytes'])}",
+        f"  mean round {s['round_s_mean'] * 1e3:.1f} ms; time by phase (share of round time):",
+    ]
+    ph = "  ".join(f"{p[:-2]} {s['phases_share'][p] * 100:.1f}%" for p in PHASES if p in s["phases_share"])
+    lines.append("    " + ph)
+    if "client_train_s_mean" in s:
+        lines.append(f"  per client: train {s['client_train_s_mean'] * 1e3:.2f} ms  "
+                     f"encode {s['client_encode_s_mean'] * 1e3:.3f} ms  "
+                     f"decode {s['client_decode_s_mean'] * 1e3:.3f} ms")
+    return "\n".join(lines)

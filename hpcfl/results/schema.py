@@ -1,0 +1,115 @@
+"""The HDF5 run-file schema as data: every dataset, its dtype, unit and meaning.
+
+docs/results.md is generated from these tables (``hpcfl schema``), so the
+documentation cannot drift from the writer. Rounds are 0-based.
+
+Layout::
+
+    /              attributes (provenance; see ROOT_ATTRS)
+    /rounds        compound table, shape (R,): one row per round, one field per ROUND_METRICS
+    /clients       compound table, shape (R, C): one field per CLIENT_METRICS
+    /ranks         compound table, shape (R, W): one field per RANK_METRICS
+    /meta/<name>   static per-client / per-rank facts
+
+Each table carries ``units_json`` and ``doc_json`` attributes (field -> unit / meaning).
+Read one field with ``f["clients"].fields("train_s")[:]`` or load everything
+with :func:`hpcfl.results.load_run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+__all__ = ["Metric", "ROUND_METRICS", "CLIENT_METRICS", "RANK_METRICS", "META", "ROOT_ATTRS", "SCHEMA_VERSION"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    dtype: str
+    unit: str
+    doc: str
+    fill: float = float("nan")  # value for rows/cells with no data (e.g. a client not sampled)
+
+
+ROUND_METRICS: tuple[Metric, ...] = (
+    Metric("round", "i4", "1", "0-based round index (the dimension scale of axis 0).", -1),
+    Metric("wall_time", "f8", "s", "Seconds from the start of round 0 to the end of this round's evaluation."),
+    Metric("accuracy", "f8", "1", "Test accuracy of the global model after this round (NaN if not evaluated)."),
+    Metric("loss", "f8", "1", "Test cross-entropy of the global model after this round (NaN if not evaluated)."),
+    Metric("train_loss", "f8", "1", "Sample-weighted mean local training loss of the participants."),
+    Metric("n_participants", "i4", "1", "Clients sampled this round.", 0),
+    Metric("bcast_s", "f8", "s", "Root: broadcast of the global model (until the root's send completes)."),
+    Metric("wait_s", "f8", "s", "Root: from the end of the broadcast until every worker's message size "
+           "arrived, i.e. waiting for the slowest worker's training and encoding."),
+    Metric("gather_s", "f8", "s", "Root: the Gatherv of all encoded messages (the uplink transfer)."),
+    Metric("records_s", "f8", "s", "Root: unpacking the gathered chunks into messages and metric records."),
+    Metric("decode_s", "f8", "s", "Root: sum over clients of message validation + decoding."),
+    Metric("aggregate_s", "f8", "s", "Root: weighted accumulation of decoded updates plus the server step."),
+    Metric("eval_s", "f8", "s", "Root: test-set evaluation (0 on rounds that skip it)."),
+    Metric("round_s", "f8", "s", "Root: start of the broadcast to end of evaluation."),
+    Metric("critical_s", "f8", "s", "bcast_s + max over workers of compute_s + gather_s + records_s + "
+           "decode_s + aggregate_s + eval_s: the measured phases on the critical path."),
+    Metric("overhead_s", "f8", "s", "round_s - critical_s: framework time outside every measured phase."),
+    Metric("log_s", "f8", "s", "Root: writing and flushing this round to HDF5 (outside round_s)."),
+    Metric("uplink_bytes", "i8", "B", "Sum over participants of message bytes (payload + header).", 0),
+    Metric("payload_bytes", "i8", "B", "Sum over participants of payload bytes.", 0),
+    Metric("header_bytes", "i8", "B", "Sum over participants of header bytes.", 0),
+    Metric("raw_bytes", "i8", "B", "Sum over participants of the uncompressed float32 update size.", 0),
+    Metric("downlink_bytes", "i8", "B", "Model bytes received by the participants (4 x params each).", 0),
+    Metric("compression_ratio", "f8", "1", "raw_bytes / uplink_bytes."),
+)
+
+CLIENT_METRICS: tuple[Metric, ...] = (
+    Metric("participated", "u1", "1", "1 if the client was sampled this round.", 0),
+    Metric("train_s", "f8", "s", "Local training (load model, tau steps or one gradient, form the update)."),
+    Metric("encode_s", "f8", "s", "Encoding the update into one wire message (codecs + packing)."),
+    Metric("decode_s", "f8", "s", "Root: validating and decoding this client's message."),
+    Metric("train_loss", "f8", "1", "Mean local minibatch loss."),
+    Metric("raw_bytes", "i8", "B", "Uncompressed float32 update size (4 x params).", 0),
+    Metric("payload_bytes", "i8", "B", "Message payload bytes (the codecs' parts).", 0),
+    Metric("header_bytes", "i8", "B", "Message header bytes (fixed header, tables, padding, trailer).", 0),
+    Metric("message_bytes", "i8", "B", "payload_bytes + header_bytes: what crossed MPI for this client.", 0),
+    Metric("downlink_bytes", "i8", "B", "Model bytes this client received.", 0),
+    Metric("recon_max_abs", "f8", "1", "max |update - decoded| (log.codec_error only)."),
+    Metric("recon_rel_l2", "f8", "1", "||update - decoded|| / ||update|| (log.codec_error only)."),
+)
+
+RANK_METRICS: tuple[Metric, ...] = (
+    Metric("bcast_s", "f8", "s", "Time in the model broadcast (workers: includes waiting for the root)."),
+    Metric("compute_s", "f8", "s", "Sum of train_s + encode_s of the rank's sampled clients."),
+    Metric("gather_s", "f8", "s", "Time in the message gather (workers: includes waiting for the slowest)."),
+    Metric("n_clients", "i4", "1", "Sampled clients hosted this round.", 0),
+)
+
+META: tuple[Metric, ...] = (
+    Metric("client_rank", "i4", "1", "Rank hosting each client (static round-robin)."),
+    Metric("client_train_samples", "i8", "1", "Training samples of each client."),
+    Metric("hostnames", "S", "", "Host name of each rank."),
+)
+
+ROOT_ATTRS: dict[str, str] = {
+    "schema_version": "Version of this layout.",
+    "hpcfl_version": "hpcfl package version.",
+    "created": "UTC creation time (ISO 8601).",
+    "status": "'running', 'complete', or 'failed: <reason>'.",
+    "rounds_done": "Completed rounds written to the file.",
+    "job_json": "The validated job, canonical JSON (all defaults filled).",
+    "job_hash": "SHA-256 prefix of job_json.",
+    "codec_json": "Expanded codec config, routing and tensor table (canonical JSON).",
+    "codec_hash": "The 64-bit hash every message carries, hex.",
+    "seed": "Job seed.",
+    "n_clients": "Number of virtual clients.",
+    "n_params": "Trainable parameters of the model.",
+    "param_table_json": "[[name, shape], ...] in model order.",
+    "world_size": "MPI world size.",
+    "mpi_library": "MPI_Get_library_version string.",
+    "mpi_standard": "MPI standard version.",
+    "launcher": "How the ranks were started: self (hpcfl ran mpiexec), mpiexec, or srun.",
+    "slurm_json": "SLURM_* job variables (job id, array ids, nodelist, ntasks) when present.",
+    "versions_json": "python, torch, numpy, h5py, mpi4py versions.",
+    "git_commit": "git commit of the hpcfl source tree, or ''.",
+    "command": "The command line of rank 0.",
+}

@@ -1,0 +1,119 @@
+"""RunLog: the root's HDF5 writer. One row per round, flushed every round.
+
+Three append-only tables of compound rows — ``/rounds`` (R,), ``/clients``
+(R, C) and ``/ranks`` (R, W) — so a round costs three resize-and-write calls
+(about 0.5 ms) instead of one per metric (4-14 ms measured with 45 columnar
+datasets on a busy 2-core node). All objects are created before round 0 and
+the file is then switched to SWMR mode: later writes only append rows, so a
+job killed at any moment leaves a readable file with every completed round,
+and a reader can follow a live run (``h5py.File(p, "r", swmr=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from hpcfl.errors import UsageError
+from hpcfl.results.schema import CLIENT_METRICS, RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION, Metric
+
+__all__ = ["RunLog", "table_dtype"]
+
+
+def table_dtype(metrics: tuple[Metric, ...]) -> np.dtype:
+    return np.dtype([(m.name, m.dtype) for m in metrics])
+
+
+def _fill_row(metrics: tuple[Metric, ...], shape: tuple[int, ...] = ()) -> np.ndarray:
+    row = np.zeros(shape, dtype=table_dtype(metrics))
+    for m in metrics:
+        row[m.name] = m.fill
+    return row
+
+
+class RunLog:
+    """Context manager writing one run file.
+
+    Parameters
+    ----------
+    path : output file; must not exist unless ``overwrite``.
+    attrs : root attributes (str/int/float values).
+    n_clients, n_ranks : widths of the /clients and /ranks tables.
+    meta : static arrays for /meta.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], n_clients: int, n_ranks: int,
+                 meta: Mapping[str, np.ndarray] | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.f = h5py.File(self.path, "w" if overwrite else "w-", libver="latest")
+        except FileExistsError:
+            raise UsageError(f"{self.path} exists; pass --overwrite or choose another --out") from None
+        self.rounds = 0
+        f = self.f
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["status"] = "running"
+        f.attrs["rounds_done"] = 0
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        self._tables = {}
+        for name, width, metrics in (("rounds", None, ROUND_METRICS), ("clients", n_clients, CLIENT_METRICS),
+                                     ("ranks", n_ranks, RANK_METRICS)):
+            shape = (0,) if width is None else (0, width)
+            chunk = (256,) if width is None else (max(1, min(64, 8192 // max(width, 1))), width)
+            d = f.create_dataset(name, shape=shape, maxshape=(None,) + shape[1:], dtype=table_dtype(metrics),
+                                 chunks=chunk)
+            d.attrs["units_json"] = json.dumps({m.name: m.unit for m in metrics})
+            d.attrs["doc_json"] = json.dumps({m.name: m.doc for m in metrics})
+            d.attrs["axes"] = "round" if width is None else f"round,{name[:-1]}"
+            self._tables[name] = (d, metrics, shape[1:])
+        mg = f.create_group("meta")
+        for k, v in (meta or {}).items():
+            mg.create_dataset(k, data=v)
+        f.flush()
+        f.swmr_mode = True
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("complete" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"[:900])
+
+    def append_round(self, server: Mapping[str, float], clients: Mapping[str, np.ndarray],
+                     ranks: Mapping[str, np.ndarray]) -> None:
+        """Append one round; metrics not given keep their fill value (NaN or 0)."""
+        r = self.rounds
+        for name, values in (("rounds", server), ("clients", clients), ("ranks", ranks)):
+            d, metrics, width = self._tables[name]
+            row = _fill_row(metrics, width)
+            for k, v in values.items():
+                row[k] = v
+            d.resize((r + 1,) + width)
+            d[r] = row
+        self.rounds = r + 1
+        self.f.attrs["rounds_done"] = self.rounds
+        self.f.flush()
+
+    def set_round_value(self, metric: str, value: float) -> None:
+        """Fill one field of the last round (log_s is known only after writing)."""
+        d = self._tables["rounds"][0]
+        row = d[self.rounds - 1]
+        row[metric] = value
+        d[self.rounds - 1] = row
+        self.f.flush()
+
+    def close(self, status: str = "complete") -> None:
+        f = getattr(self, "f", None)
+        if f is None or not f.id.valid:
+            return
+        f.attrs["status"] = status
+        f.flush()
+        f.close()

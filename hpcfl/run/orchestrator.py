@@ -1,0 +1,95 @@
+"""Run one job on the MPI world: the single place where all parts are wired together.
+
+Every rank loads the job, builds the same data partition, model and codec
+(``setup``), then rank 0 runs :func:`run_root` and the others
+:func:`run_worker`. Rank 0 alone writes the HDF5 file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcfl.config import Job, canonical_json
+from hpcfl.errors import ConfigError, WorldSizeError
+from hpcfl.run import provenance
+from hpcfl.run.progress import Progress
+
+__all__ = ["run_job", "resolve_out_path"]
+
+
+def resolve_out_path(job: Job, out: str | None) -> Path:
+    """Fill {name}, {time} and {job_id} in the output path template."""
+    template = out or job.log.path
+    env = os.environ
+    job_id = env.get("SLURM_JOB_ID", "local")
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{env.get('SLURM_ARRAY_JOB_ID', job_id)}_{env['SLURM_ARRAY_TASK_ID']}"
+    try:
+        return Path(template.format(name=job.run.name, time=time.strftime("%Y%m%d-%H%M%S", time.gmtime()),
+                                    job_id=job_id))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError("log.path", f"bad placeholder in {template!r} ({e}); use {{name}}, {{time}}, "
+                          "{job_id}") from None
+
+
+def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite: bool = False,
+            comm=None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from mpi4py import MPI
+
+    from hpcfl.comm.transport import Transport
+    from hpcfl.run.launch import check_slurm_world
+
+    tr = Transport(comm if comm is not None else MPI.COMM_WORLD, job.run.poll_interval)
+    check_slurm_world(tr.size)
+    if tr.size < 2:
+        raise WorldSizeError("hpcfl needs at least 2 ranks (rank 0 aggregates, ranks 1.. host clients); "
+                             f"the MPI world has {tr.size}. Use run.ranks >= 2 or mpiexec -n 2 or more")
+    if job.data.n_clients < tr.n_workers:
+        raise ConfigError("data.n_clients", f"{job.data.n_clients} clients for {tr.n_workers} worker ranks: "
+                          "every worker rank needs at least one client")
+    hosts = tr.gather_strings(socket.gethostname())
+
+    from hpcfl.run.setup import build_setup
+
+    s = build_setup(job)
+    if not tr.is_root:
+        from hpcfl.run.worker import run_worker
+
+        run_worker(s, tr)
+        return
+
+    from hpcfl.fl.sampling import host_rank
+    from hpcfl.results.writer import RunLog
+    from hpcfl.run.root import run_root
+
+    attrs = {
+        "hpcfl_version": provenance.versions()["hpcfl"],
+        "job_json": job.to_json(), "job_hash": job.hash,
+        "codec_json": canonical_json(s.codec.config), "codec_hash": f"{s.codec.hash:016x}",
+        "seed": job.run.seed, "n_clients": job.data.n_clients, "n_params": s.n_params,
+        "param_table_json": canonical_json([[n, list(sh)] for n, sh in s.params]),
+        "launcher": launcher, "slurm_json": provenance.as_json(provenance.slurm_vars()),
+        "versions_json": provenance.as_json(provenance.versions()), "git_commit": provenance.git_commit(),
+        "command": provenance.command_line(), "dataset": job.data.dataset,
+        **provenance.mpi_facts(tr.comm),
+    }
+    meta = {
+        "client_rank": np.array([host_rank(c, tr.n_workers) for c in range(job.data.n_clients)], dtype=np.int32),
+        "client_train_samples": s.n_samples,
+        "hostnames": np.array([h.encode() for h in hosts]),
+    }
+    progress = Progress(progress_mode, job.run.rounds, job.run.name)
+    with RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
+                overwrite=overwrite or job.log.overwrite) as log:
+        progress.start(f"{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker ranks, "
+                       f"{s.n_params} parameters, codec {s.codec.codec.codec_id} -> {out}")
+        run_root(s, tr, log, progress)
+    progress.start(f"done: {out}")
