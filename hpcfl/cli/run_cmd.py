@@ -101,16 +101,9 @@ def _self_launch(args) -> int:
 
 def _mark_failed(out, rc: int) -> None:
     """A job killed by MPI_Abort cannot close its file: record the failure from outside."""
-    if not out.exists():
-        return
-    try:
-        import h5py
+    from hpcfl.results.repair import mark_failed
 
-        with h5py.File(out, "r+") as f:
-            if f.attrs.get("status") == "running":
-                f.attrs["status"] = f"failed: MPI job exited with code {rc}"
-    except OSError:
-        pass
+    mark_failed(out, f"MPI job exited with code {rc}")
 
 
 def _run_in_mpi(args, launcher: str) -> int:

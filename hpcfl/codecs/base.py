@@ -83,14 +83,15 @@ class Ctx:
     its own namespace under the same per-tensor dicts.
     """
 
-    __slots__ = ("name", "shape", "dtype", "seed", "round", "client", "want_recon",
+    __slots__ = ("name", "shape", "dtype", "seed", "job_seed", "round", "client", "want_recon",
                  "side", "path", "_enc", "_shared")
 
     def __init__(self, name: str, shape: tuple[int, ...], *, seed: int = 0, round: int = 0,
                  client: int = 0, dtype: torch.dtype = torch.float32, want_recon: bool = False,
                  enc_state: dict | None = None, shared_state: dict | None = None,
-                 side: dict | None = None, path: str = ""):
+                 side: dict | None = None, path: str = "", job_seed: int = 0):
         self.name = name
+        self.job_seed = job_seed  # constant across rounds: for state that must not change per round
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         self.seed = seed
@@ -123,13 +124,17 @@ class Ctx:
         """A seed unique to (job seed, round, client, tensor, stage path, *keys)."""
         return derive_seed(self.seed, self.path, *keys)
 
+    def static_seed(self, *keys: int | str) -> int:
+        """A seed unique to (job seed, client, tensor, stage path, *keys), the same every round."""
+        return derive_seed(self.job_seed, "static", self.client, self.name, self.path, *keys)
+
     def child(self, key: str, *, shape: tuple[int, ...] | None = None,
               want_recon: bool | None = None) -> "Ctx":
         return Ctx(self.name, self.shape if shape is None else shape, seed=self.seed, round=self.round,
                    client=self.client, dtype=self.dtype,
                    want_recon=self.want_recon if want_recon is None else want_recon,
                    enc_state=self._enc, shared_state=self._shared, side=self.side,
-                   path=f"{self.path}/{key}" if self.path else key)
+                   path=f"{self.path}/{key}" if self.path else key, job_seed=self.job_seed)
 
 
 class Codec(ABC):

@@ -5,3 +5,7 @@ from hpcfl.codecs import feedback  # noqa: F401
 from hpcfl.codecs import pipeline  # noqa: F401
 from hpcfl.codecs import cookbook  # noqa: F401
 from hpcfl.codecs import sparsify  # noqa: F401
+from hpcfl.codecs import dgc  # noqa: F401
+from hpcfl.codecs import lowrank  # noqa: F401
+from hpcfl.codecs import quantize  # noqa: F401
+from hpcfl.codecs import sign  # noqa: F401

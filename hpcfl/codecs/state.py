@@ -87,7 +87,13 @@ class CodecState:
                 st.for_tensor(parts[0]).last_round = int(a)
                 continue
             name, side, path, k = parts
-            v: Any = torch.from_numpy(np.array(a, copy=True)) if a.ndim > 0 else a.item()
+            # Python scalars went in as 0-d int64/float64/bool (or str) arrays and come back as
+            # scalars; everything else (incl. 0-d float32 tensors) as a tensor of its own dtype,
+            # so a round trip keeps the digest.
+            if a.ndim == 0 and (a.dtype.kind not in "fiub" or a.dtype in (np.int64, np.float64, np.bool_)):
+                v: Any = a.item()
+            else:
+                v = torch.from_numpy(np.array(a, copy=True))
             getattr(st.for_tensor(name), side).setdefault(path, {})[k] = v
         return st
 
@@ -96,7 +102,7 @@ class CodecState:
         h = hashlib.sha256()
         arrays = self.to_arrays(side)
         for key in sorted(arrays):
-            if key.endswith(_SEP + "last_round"):
+            if key.split(_SEP)[1] == "#":  # round bookkeeping, not state
                 continue
             a = np.ascontiguousarray(arrays[key])
             h.update(key.encode())

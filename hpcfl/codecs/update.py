@@ -96,7 +96,7 @@ class UpdateCodec:
         ts = state.for_tensor(slot.name)
         return Ctx(slot.name, slot.shape, seed=derive_seed(self.seed, round, client, slot.name), round=round,
                    client=client, want_recon=want_recon, enc_state=ts.enc if enc_state else {},
-                   shared_state=ts.shared, side=side)
+                   shared_state=ts.shared, side=side, job_seed=self.seed)
 
     def gather_slot(self, slot: Slot, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if len(slot.members) == 1 and slot.members[0].name == slot.name:
@@ -140,9 +140,15 @@ class UpdateCodec:
         return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon)
 
     # ------------------------------------------------------------- decoding
-    def decode(self, buf, *, client: int | None, round: int | None, state: CodecState) -> DecodeResult:
-        """Validate and decode one client's message with that client's root-side state."""
-        msg = unpack(buf, expect_hash=self.hash, expect_round=round, expect_sender=client, table=self.table)
+    def decode(self, buf, *, client: int | None, round: int | None, state: CodecState,
+               verify_hash: bool = True) -> DecodeResult:
+        """Validate and decode one client's message with that client's root-side state.
+
+        ``verify_hash=False`` only for inspecting a message whose tensor names are
+        unknown (the hash covers them); shapes are still checked against the table.
+        """
+        msg = unpack(buf, expect_hash=self.hash if verify_hash else None, expect_round=round,
+                     expect_sender=client, table=self.table)
         if len(msg.tensors) != len(self.slots):
             raise WireFormatError("n_tensors", 36, f"{len(msg.tensors)} tensors, expected {len(self.slots)}")
         out: dict[str, torch.Tensor] = {}

@@ -227,20 +227,22 @@ def _cross_checks(d: dict) -> None:
     if data["partition"] == "natural" and data["dataset"] != "synthetic":
         raise ConfigError("data.partition", "'natural' applies only to dataset = 'synthetic' "
                           "(its devices are the clients)")
-    for p in d["routing"]["dense_patterns"] + d["routing"]["lossy_patterns"]:
-        if not p:
-            raise ConfigError("routing.dense_patterns", "empty pattern")
+    for key in ("dense_patterns", "lossy_patterns"):
+        if any(not p for p in d["routing"][key]):
+            raise ConfigError(f"routing.{key}", "empty pattern")
 
 
 def load_job(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Job:
     """Read a TOML job file, apply overrides, validate against the schema."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
     except FileNotFoundError:
         raise ConfigError("", f"job file not found: {p}") from None
     except OSError as e:
         raise ConfigError("", f"cannot read job file {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{p}: not a TOML job file (not UTF-8 text at byte {e.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -119,6 +119,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "overwrite": Field(bool, False, "Replace an existing output file instead of failing."),
         "progress": Field(str, "auto", "Per-round progress on rank 0.", choices=("auto", "tty", "plain", "off")),
         "codec_error": Field(bool, False, "Log per-client reconstruction error (costs a local decode)."),
+        "save_messages": Field(str, "none", "Keep the raw wire messages of these rounds in <out>.messages/ "
+                               "(for hpcfl codec decode --run).", choices=("none", "first", "last", "all")),
     },
 }
 

@@ -22,8 +22,10 @@ from hpcfl.errors import UsageError, WorldSizeError
 
 __all__ = ["detect_launcher", "mpiexec_path", "check_slurm_world", "SINGLETON_HELP"]
 
+# Variables a launcher sets in its ranks' environment. Not user-set tuning variables
+# (I_MPI_*, MPICH_*, ...): cluster modules export those in ordinary login shells.
 _MPI_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "PMIX_NAMESPACE", "OMPI_COMM_WORLD_SIZE",
-             "HYDI_CONTROL_FD", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_TOPOLIB")
+             "HYDI_CONTROL_FD", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
 def _in_srun_step(env) -> bool:

@@ -9,7 +9,8 @@ import torch
 from mpi4py import MPI
 
 from hpcfl.codecs import CodecState
-from hpcfl.comm.transport import Transport, unpack_frames
+from hpcfl.comm.frames import unpack_frames
+from hpcfl.comm.transport import Transport
 from hpcfl.errors import WireFormatError
 from hpcfl.fl.evaluate import evaluate
 from hpcfl.fl.sampling import host_rank, sample_clients
@@ -75,6 +76,8 @@ def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress) -> None:
             msg_of.update(zip(hosted, frames[1:]))
         crecs = np.concatenate(rec_parts) if rec_parts else np.zeros(0, dtype=CLIENT_RECORD)
         records_s = MPI.Wtime() - t1
+        if _save_round(job.log.save_messages, r, R):
+            _save_messages(log.path, r, msg_of)
         weights = client_weights([int(s.n_samples[c]) for c in sampled], job.server.weighting)
         agg = torch.zeros_like(theta)
         decode_s = np.full(C, np.nan)
@@ -145,6 +148,18 @@ def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress) -> None:
         log.append_round(server, clients, ranks)
         log.set_round_value("log_s", MPI.Wtime() - tl)
         progress.round(r, acc, uplink, server["compression_ratio"], round_s)
+
+
+def _save_round(mode: str, r: int, R: int) -> bool:
+    return mode == "all" or (mode == "first" and r == 0) or (mode == "last" and r == R - 1)
+
+
+def _save_messages(out, r: int, msg_of: dict[int, np.ndarray]) -> None:
+    """Raw messages as received, one file each: <out>.messages/round00003-client00012.hpfl."""
+    d = out.with_name(out.name + ".messages")
+    d.mkdir(exist_ok=True)
+    for c, m in msg_of.items():
+        (d / f"round{r:05d}-client{c:05d}.hpfl").write_bytes(m.tobytes())
 
 
 def crecs_sorted(crecs: np.ndarray, sampled: np.ndarray) -> np.ndarray:

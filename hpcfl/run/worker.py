@@ -7,7 +7,8 @@ import torch
 from mpi4py import MPI
 
 from hpcfl.codecs import CodecState
-from hpcfl.comm.transport import Transport, pack_frames
+from hpcfl.comm.frames import pack_frames
+from hpcfl.comm.transport import Transport
 from hpcfl.fl.client import LocalTrainer
 from hpcfl.fl.sampling import clients_of_rank, sample_clients
 from hpcfl.run.faults import maybe_fail

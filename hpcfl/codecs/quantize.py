@@ -1,0 +1,281 @@
+"""Scalar quantisers: uniform k-bit, QSGD and TernGrad.
+
+Sign-and-magnitude codecs (signSGD, 1-bit SGD, natural compression) live in
+:mod:`hpcfl.codecs.sign`.
+
+Conventions shared by every codec here (and in ``sign``):
+
+* Payload sizes are exact formulas of ``n = numel``; each codec states its own.
+* Stochastic rounding draws from :class:`~hpcfl.codecs.bitpack.Uniforms`
+  seeded with ``ctx.stage_seed(...)`` (numpy PCG64 on CPU, a torch.Generator on
+  other devices); the receiver never needs the RNG. Uniforms are multiples of
+  2^-24 and the arithmetic is float32, so "unbiased" holds up to float32
+  resolution (natural compression's in-range path is exactly unbiased).
+* Math runs in torch on ``x``'s device, in cache-sized chunks on CPU
+  (:func:`~hpcfl.codecs.bitpack.chunks`); only byte packing uses numpy.
+* A scale part must be ``>= 0`` and not infinite; anything else raises
+  :class:`PartError`. NaN is accepted: an encoder whose input is not finite
+  (NaN/inf makes its scale non-finite) sends scale NaN and all-zero codes, so
+  the root decodes an all-NaN tensor, just as ``identity`` would pass NaN on.
+* Decoders return CPU tensors; ``recon`` is on ``x``'s device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
+from hpcfl.codecs.bitpack import (Uniforms, absmax, chunks, decode_table, flat, l2norm, new_buffer, pack_bits,
+                                  pack_signs, packed_size, scratch, unpack_bits)
+from hpcfl.codecs.registry import register_codec, register_recipe
+
+__all__ = ["Uniform", "QSGD", "TernGrad"]
+
+NAN = float("nan")
+
+
+# ------------------------------------------------------------------ helpers
+
+def scale_part(enc: Encoded, name: str, count: int = 1) -> np.ndarray:
+    """A float32[count] part of scales: each must be >= 0 and not +inf (NaN allowed)."""
+    a = need_part(enc, name, np.float32, count)
+    if np.any(a < 0) or np.any(np.isinf(a)):
+        raise PartError(name, f"{a.tolist()} is not a valid scale (need >= 0 and finite, or NaN)")
+    return a
+
+
+def recon_of(codec: Codec, enc: Encoded, ctx: Ctx, device: torch.device) -> Encoded:
+    """Fill ``enc.recon`` (on ``device``) from the codec's own stateless decode."""
+    if ctx.want_recon and enc.recon is None:
+        enc.recon = codec.decode(enc, ctx).to(device)
+    return enc
+
+
+def rounded_codes(x: torch.Tensor, mult: float, offset: float, top: int, *, absolute: bool,
+                  g: Uniforms | None, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Integer codes ``clamp(floor(v * mult + offset + u), 0, top)`` with ``v = |x|`` or ``x``.
+
+    ``u`` is uniform in [0, 1) from ``g`` (stochastic rounding) or 0.5 when ``g``
+    is None (round to nearest). Works chunk by chunk with one float temporary.
+    """
+    n, dev = x.numel(), x.device
+    out = new_buffer(n, dtype, dev)
+    buf = scratch(n, torch.float32, dev)
+    rnd = scratch(n, torch.float32, dev) if g is not None else None
+    ibuf = scratch(n, torch.int32, dev) if g is not None else None
+    for i, j in chunks(n, dev):
+        b = buf[:j - i]
+        if absolute:
+            torch.abs(x[i:j], out=b)
+            b.mul_(mult)
+        else:
+            torch.mul(x[i:j], mult, out=b)
+        if g is None:
+            b.add_(offset + 0.5)  # >= 0, so the truncating cast below is floor
+        else:
+            b.add_(g.uniform_(rnd[:j - i], ibuf)).add_(offset)
+        b.clamp_(0, top)
+        out[i:j].copy_(b)
+    return out
+
+
+# ------------------------------------------------------------------ uniform
+
+@register_codec
+class Uniform(Codec):
+    """Uniform k-bit quantisation with a per-tensor symmetric max-abs scale.
+
+    With ``L = 2**(bits-1) - 1`` and ``s = max|x|``, element x becomes the code
+    ``q + L`` where ``q = round(x * L / s)`` in ``[-L, L]``: round half up, or
+    stochastic rounding (``floor(y + u)``, unbiased) when ``stochastic``.
+    The root decodes ``(code - L) * s / L``; code ``2**bits - 1`` is invalid.
+    Deterministic error per element is at most ``s / L / 2`` (plus the float32
+    rounding of ``x * L / s``, below ``s * 2^-21``). A zero tensor sends
+    ``s = 0`` and decodes exactly; so does a constant one.
+
+    Parts: ``scale`` float32[1], ``codes`` packed at ``bits`` bits.
+    Payload bytes: ``4 + ceil(n * bits / 8)``.
+    """
+
+    codec_id = "uniform"
+    summary = "uniform k-bit quantisation with a per-tensor max-abs scale"
+    params = {
+        "bits": Param(int, 8, "Bits per element (2**(bits-1) - 1 levels each side of zero).",
+                      choices=(2, 4, 8)),
+        "stochastic": Param(bool, False, "Stochastic (unbiased) rounding instead of round to nearest."),
+    }
+
+    @property
+    def unbiased(self) -> bool:  # type: ignore[override]
+        return bool(self.stochastic)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("scale", "codes")
+
+    def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
+        x = flat(x)
+        L = (1 << (self.bits - 1)) - 1
+        s = absmax(x)
+        if s > 0 and math.isfinite(s):
+            g = Uniforms(ctx.stage_seed("uniform"), x.device) if self.stochastic else None
+            codes = rounded_codes(x, L / s, L, 2 * L, absolute=False, g=g)
+        else:
+            s = s if s == 0 else NAN
+            codes = torch.full((x.numel(),), L, dtype=torch.uint8)
+        enc = Encoded({"scale": np.array([s], np.float32), "codes": pack_bits(to_numpy(codes), self.bits)})
+        return recon_of(self, enc, ctx, x.device)
+
+    def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
+        s = float(scale_part(enc, "scale")[0])
+        L = (1 << (self.bits - 1)) - 1
+        values = (np.arange(2 * L + 1, dtype=np.float64) - L) * (s / L)  # rounded once, to float32
+        codes = need_part(enc, "codes", np.uint8)
+        return from_numpy(decode_table(codes, self.bits, ctx.numel, values), ctx.shape)
+
+
+# --------------------------------------------------------------------- QSGD
+
+@register_codec
+class QSGD(Codec):
+    """QSGD (Alistarh et al. 2017): stochastic rounding to ``s`` levels of a norm.
+
+    Element x is sent as ``sign(x)`` and a level ``l`` in ``{0..s}`` with
+    ``E[l] = s * |x| / norm`` (``l = floor(s*|x|/norm + u)``), so
+    ``decode = sign * l * norm / s`` is unbiased. ``norm = "l2"`` is the paper's
+    (variance <= min(n/s^2, sqrt(n)/s) * ||x||^2); ``"linf"`` (max |x|) is
+    APPFL's variant, with far fewer zero levels.
+
+    Parts: ``norm`` float32[1]; ``signs`` 1 bit each (1 = negative);
+    ``levels`` packed at ``b = ceil(log2(s + 1))`` bits when ``s <= 255``,
+    else uint16. Payload bytes:
+    ``4 + ceil(n / 8) + (ceil(n * b / 8) if s <= 255 else 2 * n)``.
+
+    The paper entropy-codes the levels with Elias codes; here ``levels`` is the
+    compressible part, and the ``qsgd_zstd`` recipe runs zstd on it, whose
+    FSE/Huffman stage is the entropy coder.
+    """
+
+    codec_id = "qsgd"
+    unbiased = True
+    summary = "QSGD: stochastic rounding to s levels of the l2 (or max) norm, signs + levels"
+    params = {
+        "levels": Param(int, 4, "Number of quantisation levels s (level 0..s).", min=1, max=65535),
+        "norm": Param(str, "l2", "Scale: l2 norm (the paper) or max |x| (APPFL's linf variant).",
+                      choices=("l2", "linf")),
+    }
+    compressible_parts = ("levels",)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("norm", "signs", "levels")
+
+    @property
+    def level_bits(self) -> int:
+        """Bits per packed level, or 16 (uint16, unpacked) above 255 levels."""
+        return self.levels.bit_length() if self.levels <= 255 else 16
+
+    def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
+        x = flat(x)
+        s, n = self.levels, x.numel()
+        norm = l2norm(x) if self.norm == "l2" else absmax(x)
+        wide = s > 255
+        if norm > 0 and math.isfinite(norm):
+            g = Uniforms(ctx.stage_seed("qsgd"), x.device)
+            lv = rounded_codes(x, s / norm, 0.0, s, absolute=True, g=g,
+                               dtype=torch.int32 if wide else torch.uint8)
+            signs = pack_signs(x)
+        else:
+            norm = norm if norm == 0 else NAN
+            lv = torch.zeros(n, dtype=torch.int32 if wide else torch.uint8)
+            signs = np.zeros(packed_size(n, 1), np.uint8)
+        a = to_numpy(lv)
+        levels = a.astype(np.uint16) if wide else pack_bits(a, self.level_bits)
+        enc = Encoded({"norm": np.array([norm], np.float32), "signs": signs, "levels": levels})
+        return recon_of(self, enc, ctx, x.device)
+
+    def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
+        n, s = ctx.numel, self.levels
+        norm = float(scale_part(enc, "norm")[0])
+        if s > 255:
+            lv = need_part(enc, "levels", np.uint16, n).astype(np.int32)
+        else:
+            lv = unpack_bits(need_part(enc, "levels", np.uint8), self.level_bits, n, "levels")
+        if n and int(lv.max()) > s:
+            raise PartError("levels", f"level {int(lv.max())} exceeds levels = {s}")
+        step = norm / s
+        out = torch.from_numpy(decode_table(need_part(enc, "signs", np.uint8), 1, n, [step, -step], "signs"))
+        cpu = torch.device("cpu")
+        buf = scratch(n, torch.float32, cpu)
+        for i, j in chunks(n, cpu):  # out *= levels via a float chunk (mixed-dtype mul_ is slow;
+            b = buf[:j - i]          # numpy fills it, as `lv` may be a read-only wire buffer)
+            b.numpy()[:] = lv[i:j]
+            out[i:j].mul_(b)
+        return out.reshape(ctx.shape)
+
+
+@register_recipe("qsgd_zstd", "QSGD with entropy-coded levels: zstd (its FSE/Huffman stage is the "
+                 "entropy coder, instead of the paper's Elias coding) on the levels part",
+                 {"levels": 4, "level": 3})
+def _qsgd_zstd(p: dict) -> dict:
+    return {"id": "pipeline", "encoder": {"id": "qsgd", "levels": p["levels"]},
+            "bytes": [{"id": "zstd", "level": p["level"], "parts": ["levels"]}]}
+
+
+# ----------------------------------------------------------------- TernGrad
+
+@register_codec
+class TernGrad(Codec):
+    """TernGrad (Wen et al. 2017): ``s * t`` with ``t`` in {-1, 0, 1}, ``s = max|x|``.
+
+    ``P(|t| = 1) = |x| / s`` and ``t`` takes x's sign, so it is unbiased. (The
+    paper's optional 2.5-sigma gradient clipping is not applied.) Ternary
+    codes take 2 bits each: 0 -> 0, 1 -> +s, 2 -> -s; code 3 is invalid.
+
+    Parts: ``scale`` float32[1], ``codes`` packed 4 per byte.
+    Payload bytes: ``4 + ceil(n / 4)``.
+    """
+
+    codec_id = "terngrad"
+    unbiased = True
+    summary = "TernGrad: stochastic ternary {-s, 0, s}, s = max|x| (2 bits/element)"
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("scale", "codes")
+
+    def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
+        x = flat(x)
+        n, dev = x.numel(), x.device
+        s = absmax(x)
+        codes = new_buffer(n, torch.uint8, dev)
+        if s > 0 and math.isfinite(s):
+            g = Uniforms(ctx.stage_seed("terngrad"), dev)
+            a, r = scratch(n, torch.float32, dev), scratch(n, torch.float32, dev)
+            ib = scratch(n, torch.int32, dev)
+            keep, neg = scratch(n, torch.bool, dev), scratch(n, torch.bool, dev)
+            inv = 1.0 / s
+            for i, j in chunks(n, dev):
+                m = j - i
+                torch.abs(x[i:j], out=a[:m])
+                a[:m].mul_(inv)
+                torch.lt(g.uniform_(r[:m], ib), a[:m], out=keep[:m])
+                torch.lt(x[i:j], 0, out=neg[:m])
+                neg[:m].logical_and_(keep[:m])
+                c = codes[i:j]
+                c.copy_(keep[:m])
+                c.add_(neg[:m])
+        else:
+            s = s if s == 0 else NAN
+            codes.zero_()
+        enc = Encoded({"scale": np.array([s], np.float32), "codes": pack_bits(to_numpy(codes), 2)})
+        return recon_of(self, enc, ctx, dev)
+
+    def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
+        s = np.float32(scale_part(enc, "scale")[0])
+        values = np.array([0, 1, -1], np.float32) * s  # 0 * NaN keeps a NaN scale NaN everywhere
+        out = decode_table(need_part(enc, "codes", np.uint8), 2, ctx.numel, values)
+        return from_numpy(out, ctx.shape)
