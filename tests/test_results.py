@@ -289,8 +289,6 @@ def test_cli_schema():
     assert all(ln.count(" | ") >= 3 and ln.endswith("|") for ln in rows)
 
 
-@pytest.mark.xfail(strict=True, reason="hpcfl/cli/inspect_cmds.py: json.dumps(default=...) never sees NaN "
-                   "floats, so --json prints bare NaN tokens (not valid JSON); NaN should become null")
 def test_cli_report_json_is_strict_json(tmp_path):
     p = tmp_path / "a.h5"
     write_run(p)  # aggregate_s is never logged: its sum is NaN

@@ -29,7 +29,7 @@ def register(name: str, help: str):
 
 
 def _load_commands() -> None:
-    from hpcfl.cli import codec_cmds, inspect_cmds, run_cmd  # noqa: F401
+    from hpcfl.cli import bench_cmds, codec_cmds, inspect_cmds, run_cmd  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,3 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hpcfl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `hpcfl report ... | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

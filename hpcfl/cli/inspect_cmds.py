@@ -30,10 +30,21 @@ def run(args: argparse.Namespace) -> int:
     for i, path in enumerate(args.runs):
         s = summarize(load_run(path))
         if args.json:
-            print(json.dumps(s, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+            print(json.dumps(_nan_to_none(s), allow_nan=False))
         else:
             print(("\n" if i else "") + format_summary(s))
     return 0
+
+
+def _nan_to_none(v):
+    """Strict JSON: NaN/inf (e.g. accuracy of a run never evaluated) become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    return v
 
 
 def job_markdown() -> str:

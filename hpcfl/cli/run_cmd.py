@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 from hpcfl.cli import register
 from hpcfl.errors import UsageError
@@ -121,7 +122,10 @@ def _run_in_mpi(args, launcher: str) -> int:
             from hpcfl.config.validate import validate_job
 
             validate_job(job)
-        out = resolve_out_path(job, args.out) if rank == 0 else None
+        if launcher == "self":  # the launcher already filled the placeholders
+            out = Path(args.out)
+        else:
+            out = resolve_out_path(job, args.out) if rank == 0 else None
         out = comm.bcast(out, root=0)
         progress = resolve_mode(args.progress or job.log.progress)
         run_job(job, out, launcher=launcher, progress_mode=progress if rank == 0 else "off",
@@ -129,7 +133,8 @@ def _run_in_mpi(args, launcher: str) -> int:
         return 0
     except UsageError as e:
         # every rank usually fails the same way: rank 0 speaks, all leave with code 2
-        if rank == 0 or size == 1:
+        # (N silent singletons are all rank 0: only Slurm task 0 speaks)
+        if rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"hpcfl run: error: {e}", file=sys.stderr, flush=True)
         if size > 1:
             comm.Abort(2)

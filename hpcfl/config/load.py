@@ -129,9 +129,15 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
     d = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        if key.startswith("codec.") and key == "codec.id":
-            # a new codec id replaces the whole codec table: old params do not apply
-            d["codec"] = {"id": value}
+        if key.endswith(".id") and (key.startswith("codec.") or key.startswith("routing.dense")):
+            # a new codec id replaces that whole codec table: the old parameters do not apply
+            parent = key[:-3].split(".")
+            cur = d
+            for p in parent[:-1]:
+                cur = cur.setdefault(p, {})
+                if not isinstance(cur, dict):
+                    raise ConfigError(key, f"{p!r} is not a table")
+            cur[parent[-1]] = {"id": value}
             continue
         _set_dotted(d, key, value)
     return d

@@ -38,6 +38,12 @@ def detect_launcher(env=None) -> str | None:
     """"mpiexec", "srun", or None (not under any MPI launcher: hpcfl must launch)."""
     env = os.environ if env is None else env
     if _in_srun_step(env):
+        # mpiexec inside an allocation starts its proxies with srun (one task per node):
+        # the MPI world is then larger than the step's task count.
+        size = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+        ntasks = env.get("SLURM_STEP_NUM_TASKS")
+        if size and ntasks and size != ntasks:
+            return "mpiexec"
         return "srun"
     if any(v in env for v in _MPI_VARS):
         return "mpiexec"
