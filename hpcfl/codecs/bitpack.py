@@ -269,20 +269,46 @@ def absmax(x: torch.Tensor) -> float:
     return float(torch.maximum(-lo, hi))
 
 
+_L2_TINY = 2.0 ** -50  # below this norm, float32 squares of the largest entries lose bits or vanish
+
+
+def _sum64(x: torch.Tensor, square: bool) -> float:
+    """sum(x**2) or sum(|x|) with float64 elements, chunk by chunk (the rare slow path)."""
+    acc = 0.0
+    for i, j in chunks(x.numel(), x.device):
+        y = x[i:j].double()
+        acc += float(torch.dot(y, y)) if square else float(y.abs_().sum())
+    return acc
+
+
 def l2norm(x: torch.Tensor) -> float:
     """||x||_2, accumulated per chunk in float64 (torch's one-shot float32 norm
-    drifts by ~1e-3 relative on 16 M elements)."""
+    drifts by ~1e-3 relative on 16 M elements).
+
+    The per-chunk dot runs in float32, whose squares overflow for ``||x||`` above
+    ~1.8e19 and underflow to 0 for entries below ~1e-19; a result that is inf
+    (with finite entries) or below 2^-50 is redone with float64 squares.
+    """
     acc = 0.0
     for i, j in chunks(x.numel(), x.device):
         acc += float(torch.dot(x[i:j], x[i:j]))
-    return math.sqrt(acc)
+    r = math.sqrt(acc)
+    if (math.isinf(r) or r < _L2_TINY) and x.numel() and math.isfinite(absmax(x)):
+        r = math.sqrt(_sum64(x, square=True))
+    return r
 
 
 def l1norm(x: torch.Tensor) -> float:
-    """||x||_1, accumulated per chunk in float64, through one chunk-sized temporary."""
+    """||x||_1, accumulated per chunk in float64, through one chunk-sized temporary.
+
+    A float32 chunk sum that overflows (finite entries summing past 3.4e38) is
+    redone in float64.
+    """
     acc, buf = 0.0, scratch(x.numel(), torch.float32, x.device)
     for i, j in chunks(x.numel(), x.device):
         acc += float(torch.abs(x[i:j], out=buf[:j - i]).sum())
+    if math.isinf(acc) and math.isfinite(absmax(x)):
+        acc = _sum64(x, square=False)
     return acc
 
 

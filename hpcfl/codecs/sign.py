@@ -103,6 +103,10 @@ class OneBit(Codec):
             s_pos += float(torch.clamp(x[i:j], min=0, out=b).sum())
             s_neg += float(torch.clamp(x[i:j], max=0, out=b).sum())
             n_neg += int(torch.lt(x[i:j], 0, out=neg[:j - i]).sum())
+        if (math.isinf(s_pos) or math.isinf(s_neg)) and math.isfinite(absmax(x)):
+            # finite entries whose float32 chunk sums overflowed (past 3.4e38): redo in float64
+            s_pos = float(torch.clamp(x, min=0).double().sum())
+            s_neg = float(torch.clamp(x, max=0).double().sum())
         n_pos = n - n_neg
         means = [s_pos / n_pos if n_pos else 0.0, s_neg / n_neg if n_neg else 0.0]
         if not all(math.isfinite(v) for v in means):

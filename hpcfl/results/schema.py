@@ -101,6 +101,7 @@ ROOT_ATTRS: dict[str, str] = {
     "codec_json": "Expanded codec config, routing and tensor table (canonical JSON).",
     "codec_hash": "The 64-bit hash every message carries, hex.",
     "seed": "Job seed.",
+    "dataset": "Data set name (data.dataset).",
     "n_clients": "Number of virtual clients.",
     "n_params": "Trainable parameters of the model.",
     "param_table_json": "[[name, shape], ...] in model order.",

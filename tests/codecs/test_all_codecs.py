@@ -220,3 +220,66 @@ def test_codec_built_from_case_is_shared_and_stateless():
         for r in range(2):
             uc.encode(inp.update(0, r), client=0, round=r, state=CodecState())
         assert codec.get_config() == before and codec == get_codec(before), case.name
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e20, 1e-25])
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_extreme_magnitudes(case, scale):
+    """Finite inputs far from 1 decode finite, and unbiased codecs do not flush them to zero
+    (regressions: qsgd's l2 norm overflowed to inf above ~1.8e19 and underflowed to 0 below ~1e-19;
+    onebit's class sums overflowed for entries near 1e37)."""
+    codec = case.build()
+    x = INPUT["vec1000"].update(0, 0)["w"] * scale
+    dec = check_roundtrip(codec, x)["w"]
+    if codec.unbiased:
+        assert bool(dec.abs().max() > 0), "an unbiased codec decoded a non-zero input as all zeros"
+
+
+# ------------------------------------------------- the helpers themselves
+
+class _Predictor(Codec):
+    """Test double with shared state: sends fp16(x - ref); both sides set ref <- recon."""
+
+    codec_id = "test_predictor"
+    decoder_state = True
+    summary = "test double"
+    drift = False  # the bug the lockstep check must catch: the client updates ref from x
+
+    @property
+    def part_names(self):
+        return ("values",)
+
+    def _ref(self, ctx):
+        ref = ctx.shared.get("ref")
+        return torch.zeros(ctx.shape) if ref is None else ref
+
+    def encode(self, x, ctx):
+        from hpcfl.codecs.base import Encoded
+
+        r = (x.float() - self._ref(ctx)).to(torch.float16)
+        recon = self._ref(ctx) + r.float()
+        ctx.shared["ref"] = x.float().clone() if self.drift else recon
+        return Encoded({"values": r.numpy().reshape(-1)}, recon=recon if ctx.want_recon else None)
+
+    def decode(self, enc, ctx):
+        v = torch.from_numpy(enc.parts["values"].copy()).float().reshape(ctx.shape)
+        out = self._ref(ctx) + v
+        ctx.shared["ref"] = out
+        return out
+
+
+class _Drifting(_Predictor):
+    codec_id = "test_predictor_drift"
+    drift = True
+
+
+def test_many_to_one_detects_shared_state_drift(monkeypatch):
+    from hpcfl.codecs import registry
+
+    monkeypatch.setitem(registry._codecs, _Predictor.codec_id, _Predictor)
+    monkeypatch.setitem(registry._codecs, _Drifting.codec_id, _Drifting)
+    for inp in (INPUT["model"], INPUT["model_scope"]):
+        check_many_to_one({"id": "test_predictor"}, inp)  # closed loop: lockstep
+        check_state_roundtrip({"id": "test_predictor"}, inp)
+        with pytest.raises(AssertionError, match="drift apart|differ"):
+            check_many_to_one({"id": "test_predictor_drift"}, inp)
