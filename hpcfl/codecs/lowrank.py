@@ -135,8 +135,10 @@ class PowerSGD(LowRankCodec):
     }
 
     def initial_q(self, ctx: Ctx, m: int, device: torch.device) -> torch.Tensor:
-        g = torch.Generator().manual_seed(ctx.static_seed("powersgd-q0"))
-        return torch.randn(m, self.rank, generator=g).to(device)
+        # numpy's PCG64 normals are the same bits on every CPU; torch.randn's are not
+        # (they depend on the vector ISA), which would make runs differ across machines.
+        rng = np.random.Generator(np.random.PCG64(ctx.static_seed("powersgd-q0")))
+        return torch.from_numpy(rng.standard_normal((m, self.rank), dtype=np.float32)).to(device)
 
     def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
         if self.goes_dense(ctx.shape):

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import hpcfl.codecs
-from common import (INPUT, INPUTS, Case, check_config, check_corruption, check_error_feedback, check_many_to_one,
-                    check_repr, check_roundtrip, check_state_roundtrip, codec_cases, codec_ids_in, update_codec)
+from common import (INPUT, INPUTS, Case, CaseError, check_config, check_corruption, check_error_feedback,
+                    check_many_to_one, check_repr, check_roundtrip, check_state_roundtrip, codec_cases, codec_ids_in,
+                    update_codec)
 from hpcfl.codecs import CodecState, codec_classes, get_codec
 from hpcfl.codecs.base import Codec
 from hpcfl.errors import WireFormatError
@@ -283,3 +284,24 @@ def test_many_to_one_detects_shared_state_drift(monkeypatch):
         check_state_roundtrip({"id": "test_predictor"}, inp)
         with pytest.raises(AssertionError, match="drift apart|differ"):
             check_many_to_one({"id": "test_predictor_drift"}, inp)
+
+
+def test_codec_cases_fail_on_an_uncoverable_codec(monkeypatch):
+    """A registered id codec_cases() cannot run is an error, never a silent skip."""
+    from hpcfl.codecs import registry
+
+    class Sidecar(_Predictor):
+        codec_id = "test_sidecar"
+        kind = "sidecar"  # a kind codec_cases() does not know
+
+    monkeypatch.setitem(registry._codecs, Sidecar.codec_id, Sidecar)
+    monkeypatch.setitem(registry._codecs, _Predictor.codec_id, _Predictor)
+    with pytest.raises(CaseError, match="test_sidecar"):
+        codec_cases(strict=True)
+    cases = codec_cases(strict=False)
+    bad = [c for c in cases if c.error]
+    assert [c.name for c in bad] == ["test_sidecar-UNCOVERED"]
+    with pytest.raises(pytest.fail.Exception, match="sidecar"):
+        bad[0].build()
+    # a new codec of a known kind is picked up with no edit to the tests
+    assert any(c.name == "test_predictor" and c.config == {"id": "test_predictor"} for c in cases)

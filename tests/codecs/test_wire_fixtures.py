@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from common import FIXTURE_ROOT, check_wire_fixture
+from common import FIXTURE_ROOT, check_wire_fixture, codec_ids_in
 from hpcfl.codecs import get_codec
 from hpcfl.codecs.wire import FLAG_CRC, VERSION, unpack
 
@@ -53,7 +53,11 @@ def test_maker_never_overwrites(tmp_path):
 
 @pytest.mark.parametrize("name", PRESENT)
 def test_wire_fixture(name):
-    """Stored input + config -> stored bytes, and stored bytes -> decoded.npz, exactly."""
+    """Stored input + config -> stored bytes, and stored bytes -> decoded.npz, exactly.
+
+    Every codec draws its randomness from numpy's PCG64 (same bits on every CPU);
+    torch.randn was avoided because its bits depend on the CPU's vector ISA.
+    """
     check_wire_fixture(FIXTURE_ROOT / name)
 
 
