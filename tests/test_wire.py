@@ -101,7 +101,7 @@ def field_of(buf, **kw) -> str:
 def test_round_trip(flags):
     msg = sample_message(flags)
     data = pack(msg)
-    assert isinstance(data, bytes) and len(data) % 8 == 0 and msg.total_len == len(data)
+    assert isinstance(data, bytearray) and len(data) % 8 == 0 and msg.total_len == len(data)
     back = unpack(data, expect_hash=msg.codec_hash, expect_round=7, expect_sender=3, table=TABLE)
     assert (back.codec_hash, back.round, back.sender, back.flags, back.total_len) == \
         (msg.codec_hash, 7, 3, flags, len(data))
@@ -149,7 +149,7 @@ def test_unpack_accepts_every_buffer_type_and_is_zero_copy():
     arr[p.offset:p.offset + 4] = np.frombuffer(np.float32(42.0).tobytes(), dtype=np.uint8)
     assert p.data[0] == 42.0  # a view, not a copy
     # read-only input gives read-only views
-    assert not unpack(data).tensors[0].parts[0].data.flags.writeable
+    assert not unpack(bytes(data)).tensors[0].parts[0].data.flags.writeable
 
 
 def test_messages_concatenated_stay_aligned():

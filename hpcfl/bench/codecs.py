@@ -208,9 +208,8 @@ def bench_codecs(specs: Sequence[str | Mapping] | Sequence[Spec], sizes: Sequenc
     """
     from hpcfl.codecs import UpdateCodec
 
-    resolved = [s if isinstance(s, tuple) else None for s in specs]
-    if any(r is None for r in resolved):
-        resolved = resolve_specs(specs)  # type: ignore[arg-type]
+    resolved: list[Spec] = (list(specs) if all(isinstance(s, tuple) for s in specs)  # type: ignore[arg-type]
+                            else resolve_specs(specs))  # type: ignore[arg-type]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     records: list[dict] = []

@@ -17,6 +17,11 @@ Two kinds of state (design.md §D):
 ``encode`` returns an :class:`Encoded`; when ``ctx.want_recon`` is set it also
 carries ``recon``, the tensor the receiver will decode. Wrappers (error
 feedback, look-back) set ``want_recon`` on their inner codec.
+
+Parts and ``recon`` may be zero-copy views of the input, but a codec must never
+keep a reference to its input in state: callers reuse their buffers (error
+feedback overwrites its compensated input with the new residual once it has
+copied out any part that aliases it).
 """
 
 from __future__ import annotations

@@ -10,12 +10,18 @@ basis (methods.md §6.2).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hpcfl.codecs.base import Codec, CodecParam, Ctx, Encoded, Param
 from hpcfl.codecs.registry import register_codec
 
 __all__ = ["ErrorFeedback"]
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
 
 
 @register_codec
@@ -45,11 +51,30 @@ class ErrorFeedback(Codec):
     def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
         st = ctx.state
         e = st.get("residual")
-        comp = x.float() * self.gamma if self.gamma != 1.0 else x.float()
-        if e is not None:
-            comp = comp + (e * self.beta if self.beta != 1.0 else e)
+        # The residual buffer is reused in place round after round: it first becomes the
+        # compensated input, then the new residual. Fresh 64 MB temporaries cost more
+        # than the arithmetic (page faults), so this keeps EF at about one inner encode.
+        if e is None or e.shape != x.shape or e.dtype != torch.float32:
+            comp = x.float().clone()
+            if self.gamma != 1.0:
+                comp.mul_(self.gamma)
+        else:
+            comp = e
+            if self.beta != 1.0:
+                comp.mul_(self.beta)
+            comp.add_(x, alpha=self.gamma)
         enc = self.inner.encode(comp, ctx.child("inner", want_recon=True))
-        st["residual"] = comp - enc.recon
+        # comp is overwritten below: detach anything the inner codec returned as a view of it
+        # (identity's values part, a dense fallback, a recon that *is* its input).
+        recon = enc.recon
+        if _shares_memory(recon, comp):
+            recon = enc.recon = recon.clone()
+        if comp.device.type == "cpu":
+            comp_np = comp.detach().numpy()
+            for name, a in enc.parts.items():
+                if np.may_share_memory(a, comp_np):
+                    enc.parts[name] = a.copy()
+        st["residual"] = comp.sub_(recon)
         return enc
 
     def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:

@@ -127,8 +127,12 @@ def header_size(tensors: list[tuple[int, int]], crc: bool = False) -> int:
     return _pad8(n) + (8 if crc else 0)
 
 
-def pack(msg: Message) -> bytes:
-    """Serialise a message; sets ``msg.total_len``."""
+def pack(msg: Message) -> bytearray:
+    """Serialise a message; sets ``msg.total_len``.
+
+    Returns the ``bytearray`` it built (no final copy into ``bytes``: at 32 MiB
+    that copy alone cost ~29 ms).
+    """
     toc = bytearray()
     for t in msg.tensors:
         if len(t.shape) > MAX_NDIM:
@@ -156,7 +160,7 @@ def pack(msg: Message) -> bytes:
     if crc:
         struct.pack_into("<I", buf, off, zlib.crc32(mv[:off]))
     msg.total_len = total
-    return bytes(buf)
+    return buf
 
 
 def unpack(buf: bytes | bytearray | memoryview | np.ndarray, *, expect_hash: int | None = None,

@@ -1,14 +1,28 @@
 """Moving bytes between ranks with buffer-based mpi4py calls (no pickling).
 
-Per round: the root ``bcast_model``s one flat float32 buffer; each worker
-``gather_bytes``es one chunk holding its clients' framed messages and metric
-records (sizes first via a non-blocking ``Igather`` that also carries a few
-per-rank figures, then one ``Gatherv`` into a fresh, preallocated uint8 buffer
-at the root); ``igather_floats`` sends figures known only afterwards.
+Per round:
 
-Every wait polls ``Test()`` with a short sleep instead of spinning inside MPI:
-on an oversubscribed node a busy-waiting rank steals the CPU the training
-ranks need (25-35 % slower clients measured on 2 cores, platform.md §4).
+* ``bcast_model``: the root broadcasts a 16-byte round token, then the flat
+  float32 model. The token separates *idle* time (a worker waiting for the root
+  to finish the previous round) from the *transfer* of the model.
+* ``gather_bytes``: each worker sends one chunk holding its clients' framed
+  messages and metric records. The sizes travel first in a non-blocking
+  ``Igather`` (which also carries a few per-rank figures); then one ``Gatherv``
+  fills a fresh, preallocated uint8 buffer at the root.
+* ``igather_floats``: figures known only afterwards (a worker's gather time).
+
+Two kinds of wait (MPICH progresses non-blocking collectives only inside MPI
+calls, and a rank blocked in MPI busy-polls a core):
+
+* *idle* waits (for the root, for the slowest worker) poll ``Test()`` and sleep
+  with back-off up to ``poll_interval``, so waiting ranks leave the CPU to the
+  ranks still training (busy-waiting made clients 25-35 % slower on 2 cores,
+  platform.md §4);
+* *transfer* waits, entered when every party is known to be present, poll
+  ``Test()`` with ``sched_yield`` and never sleep, so a rendezvous protocol is
+  not stretched by sleeps.
+
+``poll_interval = 0`` blocks inside MPI for every wait.
 """
 
 from __future__ import annotations
@@ -25,11 +39,8 @@ __all__ = ["Transport", "Pending"]
 ROOT = 0
 
 
-def _wait(req: MPI.Request, poll: float) -> None:
-    """Wait for ``req`` without hogging a core: yield for ~100 us, then sleep with
-    exponential back-off from 20 us up to ``poll`` seconds. Short waits stay short
-    (a fixed 1 ms sleep made every small collective cost several ms); long waits
-    (the root waiting for training clients) cost almost no CPU."""
+def _wait_idle(req: MPI.Request, poll: float) -> None:
+    """Yield for ~100 us, then sleep with exponential back-off from 20 us to ``poll``."""
     if poll <= 0:
         req.Wait()
         return
@@ -46,6 +57,15 @@ def _wait(req: MPI.Request, poll: float) -> None:
         nap = min(nap * 2, poll)
 
 
+def _wait_transfer(req: MPI.Request, poll: float) -> None:
+    """Every party is present: progress the request as fast as possible, yielding the CPU."""
+    if poll <= 0:
+        req.Wait()
+        return
+    while not req.Test():
+        os.sched_yield()
+
+
 @dataclass
 class Pending:
     """A started non-blocking collective and the buffers it must keep alive."""
@@ -57,11 +77,12 @@ class Pending:
 class Transport:
     """The job's communicator and the collectives an FL round needs."""
 
-    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.001):
+    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.0002):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.poll = poll_interval
+        self._token = np.zeros(2, dtype=np.int64)
 
     @property
     def is_root(self) -> bool:
@@ -72,16 +93,25 @@ class Transport:
         return self.size - 1
 
     def barrier(self) -> None:
-        _wait(self.comm.Ibarrier(), self.poll)
+        _wait_idle(self.comm.Ibarrier(), self.poll)
 
-    def bcast_model(self, flat: np.ndarray) -> float:
-        """Broadcast the root's float32 vector into ``flat`` on every rank; returns seconds.
+    def bcast_model(self, flat: np.ndarray, round: int) -> tuple[float, float]:
+        """Broadcast the root's float32 vector into ``flat`` on every rank.
 
-        On workers the time includes waiting for the root to finish its previous round.
+        Returns ``(idle_s, bcast_s)``: the wait for the round token (workers: the
+        root finishing its previous round) and the model transfer itself.
         """
-        t = MPI.Wtime()
-        _wait(self.comm.Ibcast([flat, MPI.FLOAT], root=ROOT), self.poll)
-        return MPI.Wtime() - t
+        t0 = MPI.Wtime()
+        if self.is_root:
+            self._token[:] = (round, flat.size)
+        _wait_idle(self.comm.Ibcast([self._token, MPI.INT64_T], root=ROOT), self.poll)
+        if not self.is_root and (int(self._token[0]) != round or int(self._token[1]) != flat.size):
+            raise RuntimeError(f"rank {self.rank}: root is in round {int(self._token[0])} with "
+                               f"{int(self._token[1])} parameters; this rank expected round {round} "
+                               f"with {flat.size}")
+        t1 = MPI.Wtime()
+        _wait_transfer(self.comm.Ibcast([flat, MPI.FLOAT], root=ROOT), self.poll)
+        return t1 - t0, MPI.Wtime() - t1
 
     def gather_bytes(self, chunk: np.ndarray | None, info: np.ndarray
                      ) -> tuple[list[np.ndarray] | None, np.ndarray | None, float, float]:
@@ -100,8 +130,8 @@ class Transport:
         mine[1:] = info
         allinfo = np.zeros((self.size, k), dtype=np.float64) if self.is_root else None
         t0 = MPI.Wtime()
-        _wait(self.comm.Igather([mine, MPI.DOUBLE], [allinfo, MPI.DOUBLE] if self.is_root else None,
-                                root=ROOT), self.poll)
+        _wait_idle(self.comm.Igather([mine, MPI.DOUBLE], [allinfo, MPI.DOUBLE] if self.is_root else None,
+                                     root=ROOT), self.poll)
         t1 = MPI.Wtime()
         if self.is_root:
             counts = allinfo[:, 0].astype(np.int64)
@@ -111,14 +141,14 @@ class Transport:
             req = self.comm.Igatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE], root=ROOT)
         else:
             req = self.comm.Igatherv([send, MPI.BYTE], None, root=ROOT)
-        _wait(req, self.poll)
+        _wait_transfer(req, self.poll)
         t2 = MPI.Wtime()
         if not self.is_root:
             return None, None, t1 - t0, t2 - t1
         chunks = [recv[displs[r]:displs[r] + counts[r]] for r in range(1, self.size)]
         return chunks, allinfo[:, 1:], t1 - t0, t2 - t1
 
-    def igather_floats(self, values: np.ndarray) -> tuple["Pending", np.ndarray | None]:
+    def igather_floats(self, values: np.ndarray) -> tuple[Pending, np.ndarray | None]:
         """Start a gather of a fixed-length float64 vector per rank; finish with :meth:`wait`.
 
         Used for figures known only after a collective (a worker's own gather time):
@@ -129,16 +159,12 @@ class Transport:
         req = self.comm.Igather([send, MPI.DOUBLE], [recv, MPI.DOUBLE] if self.is_root else None, root=ROOT)
         return Pending(req, (send, recv)), recv
 
-    def wait(self, pending: "Pending") -> None:
-        _wait(pending.req, self.poll)
+    def wait(self, pending: Pending) -> None:
+        _wait_idle(pending.req, self.poll)
 
     def gather_strings(self, s: str) -> list[str] | None:
         """Small start-up metadata (host names); pickled, never on the per-round path."""
         return self.comm.gather(s, root=ROOT)
-
-    def bcast_object(self, obj):
-        """Start-up only (e.g. the output path chosen on the root)."""
-        return self.comm.bcast(obj, root=ROOT)
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)

@@ -78,7 +78,9 @@ CLIENT_METRICS: tuple[Metric, ...] = (
 )
 
 RANK_METRICS: tuple[Metric, ...] = (
-    Metric("bcast_s", "f8", "s", "Time in the model broadcast (workers: includes waiting for the root)."),
+    Metric("idle_s", "f8", "s", "Workers: waiting for the root's round token (the root finishing the "
+           "previous round). 0 on the root."),
+    Metric("bcast_s", "f8", "s", "The model broadcast, after the round token."),
     Metric("compute_s", "f8", "s", "Sum of train_s + encode_s of the rank's sampled clients."),
     Metric("gather_s", "f8", "s", "Time in the message gather (workers: includes waiting for the slowest)."),
     Metric("n_clients", "i4", "1", "Sampled clients hosted this round.", 0),

@@ -48,13 +48,13 @@ def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress) -> None:
     tcfg = job.train
     for r in range(R):
         t0 = MPI.Wtime()
-        bcast_s = tr.bcast_model(flat)
+        _, bcast_s = tr.bcast_model(flat, r)
         maybe_fail(tr.rank, r)
         sampled = sample_clients(C, r, seed, tcfg.clients_per_round, tcfg.client_fraction)
         per_rank = np.zeros(W, dtype=np.int64)
         for c in sampled:
             per_rank[host_rank(int(c), tr.n_workers)] += 1
-        chunks, infos, wait_s, gather_s = tr.gather_bytes(None, np.array([bcast_s, 0.0, 0.0]))
+        chunks, infos, wait_s, gather_s = tr.gather_bytes(None, np.array([bcast_s, 0.0, 0.0, 0.0]))
         t1 = MPI.Wtime()
         pending, gather_times = tr.igather_floats(np.array([wait_s + gather_s]))
 
@@ -124,7 +124,7 @@ def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress) -> None:
         clients = {**cl, **ints, "participated": part, "decode_s": decode_s}
         tr.wait(pending)  # workers posted their gather times right after the gather
         ranks = {"bcast_s": infos[:, 0], "compute_s": infos[:, 1], "n_clients": infos[:, 2].astype(np.int64),
-                 "gather_s": gather_times[:, 0]}
+                 "idle_s": infos[:, 3], "gather_s": gather_times[:, 0]}
         uplink = int(ints["message_bytes"].sum())
         raw = int(ints["raw_bytes"].sum())
         nsamp = s.n_samples[sampled].astype(float)

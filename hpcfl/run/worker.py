@@ -42,7 +42,7 @@ def run_worker(s: Setup, tr: Transport) -> None:
     tcfg = job.train
     pending = None  # the previous round's gather-time report
     for r in range(R):
-        bcast_s = tr.bcast_model(flat)
+        idle_s, bcast_s = tr.bcast_model(flat, r)
         if pending is not None:
             tr.wait(pending)
         maybe_fail(tr.rank, r)
@@ -62,7 +62,7 @@ def run_worker(s: Setup, tr: Transport) -> None:
             recs[i] = (c, t1 - t0, t2 - t1, res.loss, enc.raw_bytes, enc.payload_bytes, enc.header_bytes, mx, rel)
             compute += t2 - t0
         # frame 0 carries the client records; the rank's figures ride with the sizes
-        info = np.array([bcast_s, compute, len(mine)], dtype=np.float64)
+        info = np.array([bcast_s, compute, len(mine), idle_s], dtype=np.float64)
         _, _, wait_s, transfer_s = tr.gather_bytes(pack_frames([recs.tobytes()] + msgs), info)
         pending, _ = tr.igather_floats(np.array([wait_s + transfer_s]))
     if pending is not None:

@@ -399,7 +399,7 @@ def check_many_to_one(codec_cfg: Mapping | Codec, inp: Input, *, clients: int = 
             assert c_states[k].digest("shared") == r_states[k].digest("shared"), \
                 f"client {k} and root drift apart in round {r}"
     # different clients and rounds send different messages (updates differ)
-    assert len(set(msgs.values())) == len(msgs)
+    assert len({bytes(m) for m in msgs.values()}) == len(msgs)
 
 
 def check_config(codec: Codec) -> None:
@@ -471,7 +471,7 @@ def _residuals(cl: UpdateCodec, st: CodecState) -> dict[str, torch.Tensor]:
     for slot in cl.slots:
         ts = st.tensors.get(slot.name)
         e = ts.enc.get("", {}).get("residual") if ts is not None else None
-        e = torch.zeros(slot.shape) if e is None else torch.as_tensor(e).reshape(slot.shape)
+        e = torch.zeros(slot.shape) if e is None else torch.as_tensor(e).reshape(slot.shape).clone()  # state is updated in place
         cl.scatter_slot(slot, e, out)
     return out
 

@@ -138,7 +138,7 @@ def test_powersgd_ef_mass_conservation():
         e_new = st[""]["residual"]
         assert torch.allclose(x + e, enc.recon + e_new, atol=1e-5)
         assert torch.equal(decode(codec, enc, x.shape), enc.recon)
-        e = e_new
+        e = e_new.clone()  # the residual buffer is updated in place next round
 
 
 def test_powersgd_over_the_wire():
