@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
+
+# as the hpcfl command does (hpcfl.cli._environment): huge pages for torch's CPU allocator
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 try:  # preimported once by asv's forkserver (asv.conf.json), so forked benchmarks start in ms, not s
     import torch  # noqa: F401

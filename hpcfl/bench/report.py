@@ -20,7 +20,7 @@ import numpy as np
 
 from hpcfl.errors import UsageError
 
-__all__ = ["CODEC_FIELDS", "provenance_attrs", "format_codec_table", "write_h5", "to_json"]
+__all__ = ["CODEC_FIELDS", "provenance_attrs", "format_codec_table", "format_codec_markdown", "write_h5", "to_json"]
 
 # name -> (HDF5 dtype, unit, meaning); "str" means a variable-length UTF-8 string.
 CODEC_FIELDS: dict[str, tuple[str, str, str]] = {
@@ -117,6 +117,24 @@ def format_codec_table(records: Sequence[Mapping]) -> str:
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_codec_markdown(records: Sequence[Mapping]) -> str:
+    """Markdown tables, one per tensor size (for docs generated from a real run)."""
+    out = []
+    for n in sorted({r["n"] for r in records}, reverse=True):
+        rows = [r for r in records if r["n"] == n]
+        out += [f"### {_size(n)} elements ({4 * n:,} bytes of float32)", "",
+                "| codec | ratio | encode | decode | encode MB/s | decode MB/s | encode % memcpy | "
+                "max abs err | rel L2 err | B* Gbit/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            be = "never" if r["kind"] == "codec" and not r["ratio"] > 1 else _fmt(r["breakeven_Gbps"])
+            out.append(f"| {r['codec']} | {_fmt(r['ratio'])} | {_time(r['encode_min_s'])} | "
+                       f"{_time(r['decode_min_s'])} | {_fmt(r['encode_MBps'])} | {_fmt(r['decode_MBps'])} | "
+                       f"{100 * r['encode_vs_memcpy']:.1f}% | {_fmt(r['max_abs_error'])} | "
+                       f"{_fmt(r['rel_l2_error'])} | {be} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _h5_dtype(fields: Mapping[str, tuple[str, str, str]]) -> np.dtype:

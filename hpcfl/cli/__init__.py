@@ -47,7 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _environment() -> None:
+    """Process settings that must precede ``import torch``.
+
+    THP_MEM_ALLOC_ENABLE makes torch's CPU allocator ask for transparent huge pages:
+    fresh 64 MiB tensors (decoded updates, casts) cost ~31 ms in page faults without
+    it and ~6 ms with it on the development VM. numpy already does this by itself.
+    """
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _environment()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -118,6 +118,7 @@ def _add_codecs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds before sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the test tensors")
     p.add_argument("--no-baselines", action="store_true", help="omit the memcpy/clone/torch.topk rows")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables (one per size) instead")
 
 
 def _progress(rec: dict) -> None:
@@ -129,7 +130,8 @@ def _progress(rec: dict) -> None:
               _add_codecs)
 def _run_codecs(args: argparse.Namespace) -> int:
     from hpcfl.bench.codecs import bench_codecs, resolve_specs
-    from hpcfl.bench.report import CODEC_FIELDS, format_codec_table, provenance_attrs, to_json, write_h5
+    from hpcfl.bench.report import (CODEC_FIELDS, format_codec_markdown, format_codec_table, provenance_attrs,
+                                    to_json, write_h5)
 
     specs = resolve_specs(parse_codecs(args.codecs))
     sizes = parse_sizes(args.sizes)
@@ -146,6 +148,8 @@ def _run_codecs(args: argparse.Namespace) -> int:
         write_h5(args.out, "codecs", records, CODEC_FIELDS, attrs, overwrite=args.overwrite)
     if args.json:
         print(to_json(records, attrs))
+    elif args.markdown:
+        print(format_codec_markdown(records))
     else:
         print(format_codec_table(records))
     if args.out and not args.quiet:

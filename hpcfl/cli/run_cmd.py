@@ -92,6 +92,7 @@ def _self_launch(args) -> int:
     if overwrite:
         cmd.append("--overwrite")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # see hpcfl.cli._environment
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         _mark_failed(out, rc)

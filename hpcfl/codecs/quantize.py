@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
-from hpcfl.codecs.bitpack import (Uniforms, absmax, chunks, decode_table, flat, l2norm, new_buffer, pack_bits,
+from hpcfl.codecs.bitpack import (CHUNK, Uniforms, absmax, chunks, decode_table, flat, l2norm, new_buffer, pack_bits,
                                   pack_signs, packed_size, scratch, unpack_bits)
 from hpcfl.codecs.registry import register_codec, register_recipe
 
@@ -62,6 +62,8 @@ def rounded_codes(x: torch.Tensor, mult: float, offset: float, top: int, *, abso
     is None (round to nearest). Works chunk by chunk with one float temporary.
     """
     n, dev = x.numel(), x.device
+    if g is None and dev.type == "cpu" and dtype == torch.uint8:
+        return _rounded_codes_np(x, mult, offset, top, absolute=absolute)
     out = new_buffer(n, dtype, dev)
     buf = scratch(n, torch.float32, dev)
     rnd = scratch(n, torch.float32, dev) if g is not None else None
@@ -75,10 +77,39 @@ def rounded_codes(x: torch.Tensor, mult: float, offset: float, top: int, *, abso
             torch.mul(x[i:j], mult, out=b)
         if g is None:
             b.add_(offset + 0.5)  # >= 0, so the truncating cast below is floor
+            if absolute:
+                b.clamp_(0, top)
+            # signed input with |x| * mult <= offset (mult = L / max|x|): b lies in
+            # [0.5 - ulp, top + 0.5 + ulp], so the cast alone lands in [0, top]: no clamp pass
         else:
             b.add_(g.uniform_(rnd[:j - i], ibuf)).add_(offset)
-        b.clamp_(0, top)
+            b.clamp_(0, top)
         out[i:j].copy_(b)
+    return out
+
+
+def _rounded_codes_np(x: torch.Tensor, mult: float, offset: float, top: int, *, absolute: bool) -> torch.Tensor:
+    """Round-to-nearest codes on the CPU with numpy: same values as the torch path,
+    about 2x faster single-threaded (numpy's float32 -> uint8 cast is vectorised)."""
+    xn = to_numpy(x).reshape(-1)
+    n = xn.size
+    out = new_buffer(n, torch.uint8, x.device)
+    on = out.numpy()
+    buf = np.empty(min(n, CHUNK), dtype=np.float32)
+    m = np.float32(mult)
+    add = np.float32(offset + 0.5)
+    for i in range(0, n, CHUNK):
+        j = min(i + CHUNK, n)
+        b = buf[:j - i]
+        if absolute:
+            np.abs(xn[i:j], out=b)
+            b *= m
+        else:
+            np.multiply(xn[i:j], m, out=b)
+        b += add  # >= 0, so the truncating cast is floor
+        if absolute:
+            np.minimum(b, np.float32(top), out=b)
+        on[i:j] = b
     return out
 
 

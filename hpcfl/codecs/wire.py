@@ -127,11 +127,14 @@ def header_size(tensors: list[tuple[int, int]], crc: bool = False) -> int:
     return _pad8(n) + (8 if crc else 0)
 
 
-def pack(msg: Message) -> bytearray:
+def pack(msg: Message) -> memoryview:
     """Serialise a message; sets ``msg.total_len``.
 
-    Returns the ``bytearray`` it built (no final copy into ``bytes``: at 32 MiB
-    that copy alone cost ~29 ms).
+    Returns a read-write ``memoryview`` (format ``B``) over a numpy buffer: numpy
+    asks for transparent huge pages on large allocations, which made a fresh
+    64 MiB buffer ~4x cheaper than a ``bytearray`` here, and no final copy into
+    ``bytes`` is made (at 32 MiB that copy alone cost ~29 ms). Compare with
+    ``==`` or take ``bytes(...)`` when an immutable copy is wanted.
     """
     toc = bytearray()
     for t in msg.tensors:
@@ -145,20 +148,22 @@ def pack(msg: Message) -> bytearray:
     payload_len = sum(_pad8(p.nbytes) for t in msg.tensors for p in t.parts)
     crc = bool(msg.flags & FLAG_CRC)
     total = header_len + payload_len + (8 if crc else 0)
-    buf = bytearray(total)
+    arr = np.empty(total, dtype=np.uint8)
+    arr[:header_len] = 0
+    buf = memoryview(arr)
     _FIXED.pack_into(buf, 0, MAGIC, VERSION, msg.flags, header_len, total, msg.codec_hash & (2**64 - 1),
                      msg.round, msg.sender, len(msg.tensors))
     buf[_FIXED.size:_FIXED.size + len(toc)] = toc
     off = header_len
-    mv = memoryview(buf)
     for t in msg.tensors:
         for p in t.parts:
             n = p.nbytes
             if n:
-                mv[off:off + n] = np.ascontiguousarray(p.data).view(np.uint8).reshape(-1)
+                arr[off:off + n] = np.ascontiguousarray(p.data).reshape(-1).view(np.uint8)
+            arr[off + n:off + _pad8(n)] = 0
             off += _pad8(n)
     if crc:
-        struct.pack_into("<I", buf, off, zlib.crc32(mv[:off]))
+        struct.pack_into("<II", buf, off, zlib.crc32(buf[:off]), 0)
     msg.total_len = total
     return buf
 

@@ -505,6 +505,7 @@ def check_error_feedback(inner_cfg: Mapping, inp: Input, *, rounds: int = 3, see
 def corruptions(data: bytes, key: str, *, flips: int = 12, header_flips: int = 4) -> Iterator[tuple[str, bytes]]:
     """A handful of deterministic corruptions of ``data``: bit flips (mostly in the
     payload, where codec decoders see them), truncations and an extension."""
+    data = bytes(data)  # pack() returns a memoryview; corruptions work on an immutable copy
     rng = np.random.Generator(np.random.PCG64(zlib.crc32(key.encode())))
     msg = unpack(data)
     header_len = min((p.offset for t in msg.tensors for p in t.parts), default=len(data))
