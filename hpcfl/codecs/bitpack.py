@@ -40,6 +40,18 @@ def packed_size(n: int, bits: int) -> int:
     return (int(n) * int(bits) + 7) // 8
 
 
+def _check_packed(buf: np.ndarray, n: int, bits: int, part: str) -> None:
+    """A received packed part: 1-D uint8, exactly ``packed_size`` bytes, zero padding bits."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
+        raise PartError(part, "expected a 1-D uint8 array")
+    need = packed_size(n, bits)
+    if buf.size != need:
+        raise PartError(part, f"{buf.size} bytes but {need} expected for {n} codes of {bits} bits")
+    used = (n * bits) % 8
+    if used and int(buf[-1]) >> used:
+        raise PartError(part, "non-zero padding bits after the last code")
+
+
 def _check_bits(bits: int) -> int:
     bits = int(bits)
     if not 1 <= bits <= 8:
@@ -143,14 +155,7 @@ def unpack_bits(buf: np.ndarray, bits: int, n: int, part: str = "codes") -> np.n
     """
     bits = _check_bits(bits)
     n = int(n)
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
-        raise PartError(part, "expected a 1-D uint8 array")
-    need = packed_size(n, bits)
-    if buf.size != need:
-        raise PartError(part, f"{buf.size} bytes but {need} expected for {n} codes of {bits} bits")
-    used = (n * bits) % 8
-    if used and int(buf[-1]) >> used:
-        raise PartError(part, "non-zero padding bits after the last code")
+    _check_packed(buf, n, bits, part)
     if bits == 8:
         return buf
     if bits == 1:
@@ -216,14 +221,7 @@ def decode_table(buf: np.ndarray, bits: int, n: int, values: np.ndarray, part: s
         return out.numpy()
     if bits not in (1, 2, 4):
         raise ValueError(f"decode_table supports widths 1, 2, 4 and 8, not {bits}")
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
-        raise PartError(part, "expected a 1-D uint8 array")
-    need = packed_size(n, bits)
-    if buf.size != need:
-        raise PartError(part, f"{buf.size} bytes but {need} expected for {n} codes of {bits} bits")
-    used = (n * bits) % 8
-    if used and int(buf[-1]) >> used:
-        raise PartError(part, "non-zero padding bits after the last code")
+    _check_packed(buf, n, bits, part)
     bc = _byte_codes(bits)
     if nv < (1 << bits):
         bad = (bc >= nv).any(axis=1)

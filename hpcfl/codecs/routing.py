@@ -16,6 +16,7 @@ compression); dense tensors keep their own slots.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,10 +45,7 @@ class Slot:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def _numel(shape: Sequence[int]) -> int:
