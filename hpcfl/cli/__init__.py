@@ -29,7 +29,7 @@ def register(name: str, help: str):
 
 
 def _load_commands() -> None:
-    from hpcfl.cli import bench_cmds, codec_cmds, inspect_cmds, run_cmd  # noqa: F401
+    from hpcfl.cli import bench_cmds, codec_cmds, inspect_cmds, run_cmd, sweep_cmds  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,6 +75,9 @@ class Encoded:
     flags: int = 0
     recon: torch.Tensor | None = None
     coding: dict[str, tuple[int, np.dtype]] = field(default_factory=dict)
+    # per-tensor diagnostics measured on the client (e.g. LBGM's "recycled", an energy
+    # share); logged to the run file's /codec_stats table, never sent on the wire
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def payload_bytes(self) -> int:
@@ -90,13 +93,17 @@ class Ctx:
     """
 
     __slots__ = ("name", "shape", "dtype", "seed", "job_seed", "round", "client", "want_recon",
-                 "side", "path", "_enc", "_shared")
+                 "side", "glob", "path", "_enc", "_shared")
 
     def __init__(self, name: str, shape: tuple[int, ...], *, seed: int = 0, round: int = 0,
                  client: int = 0, dtype: torch.dtype = torch.float32, want_recon: bool = False,
                  enc_state: dict | None = None, shared_state: dict | None = None,
-                 side: dict | None = None, path: str = "", job_seed: int = 0):
+                 side: dict | None = None, path: str = "", job_seed: int = 0, glob: dict | None = None):
         self.name = name
+        # Round-wide facts both sides know, for codecs with needs_global: "theta" (this
+        # slot of the global model the clients trained from) and "delta" (its last
+        # server step, None in round 0).
+        self.glob = glob if glob is not None else {}
         self.job_seed = job_seed  # constant across rounds: for state that must not change per round
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
@@ -137,7 +144,7 @@ class Ctx:
                    client=self.client, dtype=self.dtype,
                    want_recon=self.want_recon if want_recon is None else want_recon,
                    enc_state=self._enc, shared_state=self._shared, side=self.side,
-                   path=f"{self.path}/{key}" if self.path else key, job_seed=self.job_seed)
+                   path=f"{self.path}/{key}" if self.path else key, job_seed=self.job_seed, glob=self.glob)
 
 
 class Codec(ABC):
@@ -150,6 +157,10 @@ class Codec(ABC):
     * ``unbiased``: E[decode(encode(x))] == x over the codec's randomness.
     * ``stateful``: keeps encoder-private state across rounds.
     * ``decoder_state``: the root must mirror state per client.
+    * ``needs_global``: reads ``ctx.glob`` (global model / last server step), which the
+      orchestrator then builds each round on every rank.
+    * ``side_inputs``: training-time side information the client's training loop must
+      capture for ``ctx.side`` (e.g. ``("activations",)``); see :mod:`hpcfl.fl.capture`.
     """
 
     codec_id: ClassVar[str] = ""
@@ -158,6 +169,8 @@ class Codec(ABC):
     unbiased: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     decoder_state: ClassVar[bool] = False
+    needs_global: ClassVar[bool] = False
+    side_inputs: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[dict[str, Field | CodecParam]] = {}
     summary: ClassVar[str] = ""
 
@@ -239,6 +252,15 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
         """Rebuild a float32 tensor of shape ``ctx.shape`` from ``enc``."""
+
+    def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
+        """Bytes a client needs to rebuild the global model under this method's download
+        protocol, or None for the default (the full float32 model, 4 x n_params).
+
+        ``last_round`` is the last round the client took part in (-1: never). Methods
+        such as intrinsic gradient compression download only subspace coordinates.
+        """
+        return None
 
     def _finish(self, enc: Encoded, ctx: Ctx) -> Encoded:
         """Fill ``enc.recon`` when asked, for codecs whose decode is stateless."""

@@ -45,6 +45,17 @@ class ErrorFeedback(Codec):
         return self.inner.decoder_state
 
     @property
+    def needs_global(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_global
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.side_inputs
+
+    def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
+        return self.inner.downlink_bytes(n_params, round, last_round)
+
+    @property
     def compressible_parts(self) -> tuple[str, ...]:
         return getattr(self.inner, "compressible_parts", self.inner.part_names)
 

@@ -139,6 +139,17 @@ class Pipeline(Codec):
     def part_names(self) -> tuple[str, ...]:
         return self.encoder.part_names
 
+    @property
+    def needs_global(self) -> bool:  # type: ignore[override]
+        return self.encoder.needs_global or any(t.needs_global for t in self.transforms)
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(x for t in (*self.transforms, self.encoder) for x in t.side_inputs))
+
+    def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
+        return self.encoder.downlink_bytes(n_params, round, last_round)
+
     def _shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         shapes = [shape]
         for t in self.transforms:
@@ -151,7 +162,7 @@ class Pipeline(Codec):
         for i, t in enumerate(self.transforms):
             y = t.forward(y, ctx.child(f"t{i}", shape=shapes[i]))
         enc = self.encoder.encode(y, ctx.child("enc", shape=shapes[-1]))
-        if enc.recon is not None:
+        if enc.recon is not None and self.transforms:
             r = enc.recon
             for i in reversed(range(len(self.transforms))):
                 r = self.transforms[i].inverse(r, ctx.child(f"t{i}", shape=shapes[i]))
@@ -180,7 +191,7 @@ class Pipeline(Codec):
                 if raw.size % dtype.itemsize:
                     raise PartError(name, f"{raw.size} decoded bytes are not a whole number of {dtype}")
                 parts[name] = raw.view(dtype)
-            enc = Encoded(parts, enc.flags)
+            enc = Encoded(parts, enc.flags, stats=enc.stats)
         y = self.encoder.decode(enc, ctx.child("enc", shape=shapes[-1]))
         for i in reversed(range(len(self.transforms))):
             y = self.transforms[i].inverse(y, ctx.child(f"t{i}", shape=shapes[i]))

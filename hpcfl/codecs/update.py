@@ -9,7 +9,8 @@ MPI; the orchestrator hands its bytes to the transport.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -24,16 +25,29 @@ from hpcfl.config.load import canonical_json
 from hpcfl.errors import ConfigError, WireFormatError
 from hpcfl.seeding import derive_seed
 
-__all__ = ["UpdateCodec", "EncodeResult", "DecodeResult"]
+__all__ = ["UpdateCodec", "EncodeResult", "DecodeResult", "GlobalView"]
 
 
 @dataclass
 class EncodeResult:
-    data: bytes
+    data: memoryview
     payload_bytes: int
     header_bytes: int
     raw_bytes: int
     recon: dict[str, torch.Tensor] | None = None
+    stats: list[tuple[int, str, float]] = field(default_factory=list)  # (slot index, name, value)
+
+
+@dataclass
+class GlobalView:
+    """What every rank knows about the global model in a round, for ``needs_global`` codecs.
+
+    ``theta``: the flat float32 model the clients trained from (the round's broadcast);
+    ``delta``: ``theta`` minus the previous round's model (None in round 0).
+    """
+
+    theta: torch.Tensor
+    delta: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,11 +106,47 @@ class UpdateCodec:
         return self.codec if slot.route == "lossy" else self.dense
 
     def _ctx(self, slot: Slot, state: CodecState, client: int, round: int, want_recon: bool,
-             side: dict | None, enc_state: bool) -> Ctx:
+             side: Mapping | None, enc_state: bool, glob: Mapping | None = None) -> Ctx:
         ts = state.for_tensor(slot.name)
+        if side:
+            if len(slot.members) == 1 and slot.members[0].name == slot.name:
+                side = side.get(slot.name, {})
+            else:
+                side = {m.name: side[m.name] for m in slot.members if m.name in side}
         return Ctx(slot.name, slot.shape, seed=derive_seed(self.seed, round, client, slot.name), round=round,
                    client=client, want_recon=want_recon, enc_state=ts.enc if enc_state else {},
-                   shared_state=ts.shared, side=side, job_seed=self.seed)
+                   shared_state=ts.shared, side=dict(side) if side else {}, job_seed=self.seed,
+                   glob=(glob or {}).get(slot.name))
+
+    # ---------------------------------------------------------- round context
+    @property
+    def needs_global(self) -> bool:
+        return bool(self.codec.needs_global or self.dense.needs_global)
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.codec.side_inputs + self.dense.side_inputs))
+
+    def global_slots(self, view: GlobalView) -> dict[str, dict[str, torch.Tensor | None]]:
+        """Per-slot views of the global model (and its last step) for ``ctx.glob``."""
+        theta = self._split(view.theta)
+        delta = self._split(view.delta) if view.delta is not None else None
+        return {s.name: {"theta": self.gather_slot(s, theta),
+                         "delta": None if delta is None else self.gather_slot(s, delta)} for s in self.slots}
+
+    def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for name, shape in self.params:
+            n = math.prod(shape)
+            out[name] = flat[off:off + n].view(shape)
+            off += n
+        return out
+
+    def downlink_bytes(self, round: int, last_round: int) -> int:
+        """Bytes a client downloads to rebuild the model (the codec's protocol, or 4 x params)."""
+        n = self.raw_bytes // 4
+        b = self.codec.downlink_bytes(n, round, last_round)
+        return 4 * n if b is None else int(b)
 
     def gather_slot(self, slot: Slot, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if len(slot.members) == 1 and slot.members[0].name == slot.name:
@@ -113,17 +163,25 @@ class UpdateCodec:
 
     # ------------------------------------------------------------- encoding
     def encode(self, update: Mapping[str, torch.Tensor], *, client: int, round: int, state: CodecState,
-               want_recon: bool = False, side: dict | None = None) -> EncodeResult:
+               want_recon: bool = False, side: Mapping | None = None, glob: Mapping | None = None
+               ) -> EncodeResult:
+        """One client's update -> one wire message.
+
+        ``side``: per-parameter training-time side information (``side_inputs``);
+        ``glob``: :meth:`global_slots` of the round (``needs_global`` codecs).
+        """
         missing = [n for n, _ in self.params if n not in update]
         if missing:
             raise KeyError(f"update lacks tensors {missing[:3]}")
         records = []
+        stats: list[tuple[int, str, float]] = []
         recon: dict[str, torch.Tensor] | None = {} if want_recon else None
         for slot in self.slots:
             codec = self.codec_for(slot)
             x = self.gather_slot(slot, update)
-            ctx = self._ctx(slot, state, client, round, want_recon, side, enc_state=True)
+            ctx = self._ctx(slot, state, client, round, want_recon, side, enc_state=True, glob=glob)
             enc = codec.encode(x, ctx)
+            stats.extend((slot.index, k, float(v)) for k, v in enc.stats.items())
             state.for_tensor(slot.name).last_round = round
             keys = self._keys[id(codec)]
             parts = []
@@ -137,11 +195,11 @@ class UpdateCodec:
                 self.scatter_slot(slot, r, recon)
         msg = Message(self.hash, round, client, records, flags=FLAG_CRC if self.checksum else 0)
         data = pack(msg)
-        return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon)
+        return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon, stats)
 
     # ------------------------------------------------------------- decoding
     def decode(self, buf, *, client: int | None, round: int | None, state: CodecState,
-               verify_hash: bool = True) -> DecodeResult:
+               verify_hash: bool = True, glob: Mapping | None = None) -> DecodeResult:
         """Validate and decode one client's message with that client's root-side state.
 
         ``verify_hash=False`` only for inspecting a message whose tensor names are
@@ -169,7 +227,7 @@ class UpdateCodec:
 
                     coding[names[p.key]] = (p.coding, _NP_OF[p.dtype])
             enc = Encoded(parts, rec.flags, coding=coding)
-            ctx = self._ctx(slot, state, msg.sender, msg.round, False, None, enc_state=False)
+            ctx = self._ctx(slot, state, msg.sender, msg.round, False, None, enc_state=False, glob=glob)
             first = rec.parts[0].offset if rec.parts else -1
             try:
                 x = codec.decode(enc, ctx)

@@ -119,6 +119,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "overwrite": Field(bool, False, "Replace an existing output file instead of failing."),
         "progress": Field(str, "auto", "Per-round progress on rank 0.", choices=("auto", "tty", "plain", "off")),
         "codec_error": Field(bool, False, "Log per-client reconstruction error (costs a local decode)."),
+        "save_updates": Field(int, 0, "Save the raw (uncompressed) updates of up to this many sampled clients "
+                              "per round in the run file, for hpcfl analyze gradient-space (0: off).", min=0),
+        "save_update_dims": Field(int, 0, "With save_updates: keep only this many seeded coordinates of each "
+                                  "update (0: all).", min=0),
         "save_messages": Field(str, "none", "Keep the raw wire messages of these rounds in <out>.messages/ "
                                "(for hpcfl codec decode --run).", choices=("none", "first", "last", "all")),
     },

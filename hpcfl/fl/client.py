@@ -16,7 +16,7 @@ client's update does not depend on which rank hosts it or on the world size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,13 +34,16 @@ class LocalResult:
     n_samples: int
     loss: float
     steps: int
+    side: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # from captures
 
 
 class LocalTrainer:
     """Trains clients one after another on one worker rank, reusing one model object."""
 
-    def __init__(self, model: torch.nn.Module, train: dict, x: torch.Tensor, y: torch.Tensor, seed: int):
+    def __init__(self, model: torch.nn.Module, train: dict, x: torch.Tensor, y: torch.Tensor, seed: int,
+                 captures: list | None = None):
         self.model = model
+        self.captures = captures or []  # hpcfl.fl.capture.Capture objects (codec side inputs)
         self.cfg = dict(train)
         self.x = x
         self.y = y
@@ -77,6 +80,19 @@ class LocalTrainer:
             p.grad = None
 
     def train(self, global_flat: torch.Tensor, indices: np.ndarray, client: int, round: int) -> LocalResult:
+        for cap in self.captures:
+            cap.start()
+        try:
+            res = self._train(global_flat, indices, client, round)
+        finally:
+            side: dict[str, dict[str, torch.Tensor]] = {}
+            for cap in self.captures:
+                for name, d in cap.stop().items():
+                    side.setdefault(name, {}).update(d)
+        res.side = side
+        return res
+
+    def _train(self, global_flat: torch.Tensor, indices: np.ndarray, client: int, round: int) -> LocalResult:
         load_flat_(self.model, global_flat)
         self.model.train()
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))

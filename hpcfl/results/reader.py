@@ -14,7 +14,7 @@ import numpy as np
 from hpcfl.errors import UsageError
 from hpcfl.results.schema import CLIENT_METRICS
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "load_updates"]
 
 
 @dataclass
@@ -31,6 +31,26 @@ class Run:
     clients: dict[str, np.ndarray]
     ranks: dict[str, np.ndarray]
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    codec_stats: np.ndarray | None = None  # rows (round, client, slot, name, value)
+
+    @property
+    def slot_names(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self.meta.get("slot_names", [])]
+
+    def codec_stat(self, name: str) -> np.ndarray:
+        """One codec statistic as a (rounds, clients, slots) array, NaN where not reported."""
+        C = int(self.attrs.get("n_clients", 0))
+        out = np.full((self.n_rounds, C, max(1, len(self.slot_names))), np.nan)
+        if self.codec_stats is not None and len(self.codec_stats):
+            rows = self.codec_stats[self.codec_stats["name"] == name.encode()]
+            rows = rows[rows["round"] < self.n_rounds]
+            out[rows["round"], rows["client"], rows["slot"]] = rows["value"]
+        return out
+
+    def codec_stat_names(self) -> list[str]:
+        if self.codec_stats is None or not len(self.codec_stats):
+            return []
+        return sorted({n.decode() for n in np.unique(self.codec_stats["name"])})
 
     @property
     def job(self) -> dict:
@@ -121,7 +141,19 @@ def load_run(path: str | os.PathLike) -> Run:
         clients = {k: tables["clients"][k][:n] for k in tables["clients"].dtype.names} if "clients" in tables else {}
         ranks = {k: tables["ranks"][k][:n] for k in tables["ranks"].dtype.names} if "ranks" in tables else {}
         meta = {k: f["meta"][k][()] for k in f["meta"]} if "meta" in f else {}
-    return Run(p, attrs, rounds, clients, ranks, meta)
+        stats = f["codec_stats"][:] if "codec_stats" in f else None
+    return Run(p, attrs, rounds, clients, ranks, meta, stats)
+
+
+def load_updates(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The raw updates a run saved (log.save_updates): (index rows, vectors, dims)."""
+    p = Path(path)
+    with h5py.File(p, "r", libver="latest", swmr=True) as f:
+        if "updates" not in f:
+            raise UsageError(f"{p} holds no saved updates; run the job with log.save_updates > 0")
+        g = f["updates"]
+        n = g["index"].shape[0]
+        return g["index"][:n], g["vectors"][:n], g["dims"][:]
 
 
 assert {m.name for m in CLIENT_METRICS}.isdisjoint({"round", "client"})

@@ -10,6 +10,8 @@ Layout::
     /clients       compound table, shape (R, C): one field per CLIENT_METRICS
     /ranks         compound table, shape (R, W): one field per RANK_METRICS
     /meta/<name>   static per-client / per-rank facts
+    /codec_stats   long table: (round, client, slot, name, value) per codec-reported statistic
+    /updates/      optional raw updates (log.save_updates) for gradient-space analysis
 
 Each table carries ``units_json`` and ``doc_json`` attributes (field -> unit / meaning).
 Read one field with ``f["clients"].fields("train_s")[:]`` or load everything
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
 
-__all__ = ["Metric", "ROUND_METRICS", "CLIENT_METRICS", "RANK_METRICS", "META", "ROOT_ATTRS", "SCHEMA_VERSION"]
+__all__ = ["Metric", "ROUND_METRICS", "CLIENT_METRICS", "RANK_METRICS", "META", "ROOT_ATTRS", "SCHEMA_VERSION",
+           "CODEC_STAT_FIELDS", "UPDATE_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ ROUND_METRICS: tuple[Metric, ...] = (
     Metric("raw_bytes", "i8", "B", "Sum over participants of the uncompressed float32 update size.", 0),
     Metric("downlink_bytes", "i8", "B", "Model bytes received by the participants (4 x params each).", 0),
     Metric("compression_ratio", "f8", "1", "raw_bytes / uplink_bytes."),
+    Metric("root_state_bytes", "i8", "B", "Decoder-side codec state the root holds for all clients after this "
+           "round (e.g. LBGM's look-back gradients; 0 for stateless decoders).", 0),
 )
 
 CLIENT_METRICS: tuple[Metric, ...] = (
@@ -72,7 +77,10 @@ CLIENT_METRICS: tuple[Metric, ...] = (
     Metric("payload_bytes", "i8", "B", "Message payload bytes (the codecs' parts).", 0),
     Metric("header_bytes", "i8", "B", "Message header bytes (fixed header, tables, padding, trailer).", 0),
     Metric("message_bytes", "i8", "B", "payload_bytes + header_bytes: what crossed MPI for this client.", 0),
-    Metric("downlink_bytes", "i8", "B", "Model bytes this client received.", 0),
+    Metric("downlink_bytes", "i8", "B", "Bytes this client downloads to rebuild the global model under the "
+           "method's protocol (4 x params by default; e.g. subspace coordinates for intrinsic compression).", 0),
+    Metric("state_bytes", "i8", "B", "This client's codec state on its host rank after encoding (error-feedback "
+           "residuals, look-back gradients, warm-start factors).", 0),
     Metric("recon_max_abs", "f8", "1", "max |update - decoded| (log.codec_error only)."),
     Metric("recon_rel_l2", "f8", "1", "||update - decoded|| / ||update|| (log.codec_error only)."),
 )
@@ -86,10 +94,29 @@ RANK_METRICS: tuple[Metric, ...] = (
     Metric("n_clients", "i4", "1", "Sampled clients hosted this round.", 0),
 )
 
+# /codec_stats: long table, one row per (round, client, slot, statistic) a codec reported
+# (Encoded.stats), e.g. LBGM's "recycled" per tensor or an energy share per layer.
+CODEC_STAT_FIELDS: tuple[Metric, ...] = (
+    Metric("round", "i4", "1", "Round."),
+    Metric("client", "i4", "1", "Client id."),
+    Metric("slot", "i4", "1", "Index into /meta/slot_names (the codec's tensor table)."),
+    Metric("name", "S24", "", "Statistic name, defined by the codec (see docs/codecs.md)."),
+    Metric("value", "f8", "1", "Its value."),
+)
+
 META: tuple[Metric, ...] = (
     Metric("client_rank", "i4", "1", "Rank hosting each client (static round-robin)."),
     Metric("client_train_samples", "i8", "1", "Training samples of each client."),
     Metric("hostnames", "S", "", "Host name of each rank."),
+    Metric("slot_names", "S", "", "The codec's tensor table: parameter name per slot (@model = all lossy "
+           "parameters flattened, routing.scope = model)."),
+)
+
+# /updates (only with log.save_updates > 0): raw client updates for gradient-space analysis
+UPDATE_FIELDS: tuple[Metric, ...] = (
+    Metric("index", "(round i4, client i4)", "", "Round and client of each saved update, one row per vector."),
+    Metric("vectors", "f4", "1", "The flattened uncompressed update (model order), restricted to /updates/dims."),
+    Metric("dims", "i8", "1", "Coordinates kept (all, or a seeded subset of log.save_update_dims)."),
 )
 
 ROOT_ATTRS: dict[str, str] = {

@@ -21,9 +21,13 @@ import h5py
 import numpy as np
 
 from hpcfl.errors import UsageError
-from hpcfl.results.schema import CLIENT_METRICS, RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION, Metric
+from hpcfl.results.schema import (CLIENT_METRICS, CODEC_STAT_FIELDS, RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION,
+                                  Metric)
 
-__all__ = ["RunLog", "table_dtype"]
+STAT_DTYPE = np.dtype([(m.name, m.dtype) for m in CODEC_STAT_FIELDS], align=True)  # 48 B, 8-aligned
+UPDATE_INDEX_DTYPE = np.dtype([("round", "i4"), ("client", "i4")])
+
+__all__ = ["RunLog", "table_dtype", "STAT_DTYPE"]
 
 
 def table_dtype(metrics: tuple[Metric, ...]) -> np.dtype:
@@ -49,7 +53,8 @@ class RunLog:
     """
 
     def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], n_clients: int, n_ranks: int,
-                 meta: Mapping[str, np.ndarray] | None = None, overwrite: bool = False):
+                 meta: Mapping[str, np.ndarray] | None = None, overwrite: bool = False,
+                 update_dims: np.ndarray | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -78,6 +83,17 @@ class RunLog:
         mg = f.create_group("meta")
         for k, v in (meta or {}).items():
             mg.create_dataset(k, data=v)
+        st = f.create_dataset("codec_stats", shape=(0,), maxshape=(None,), dtype=STAT_DTYPE, chunks=(4096,))
+        st.attrs["doc_json"] = json.dumps({m.name: m.doc for m in CODEC_STAT_FIELDS})
+        self._updates = None
+        if update_dims is not None:
+            ug = f.create_group("updates")
+            ug.create_dataset("dims", data=np.asarray(update_dims, dtype=np.int64))
+            n = int(len(update_dims))
+            ug.create_dataset("index", shape=(0,), maxshape=(None,), dtype=UPDATE_INDEX_DTYPE, chunks=(1024,))
+            ug.create_dataset("vectors", shape=(0, n), maxshape=(None, n), dtype="f4",
+                              chunks=(max(1, min(64, (1 << 20) // max(4 * n, 1))), n))
+            self._updates = ug
         f.flush()
         f.swmr_mode = True
 
@@ -88,9 +104,29 @@ class RunLog:
         self.close("complete" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"[:900])
 
     def append_round(self, server: Mapping[str, float], clients: Mapping[str, np.ndarray],
-                     ranks: Mapping[str, np.ndarray]) -> None:
-        """Append one round; metrics not given keep their fill value (NaN or 0)."""
+                     ranks: Mapping[str, np.ndarray], stats: np.ndarray | None = None,
+                     updates: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Append one round; metrics not given keep their fill value (NaN or 0).
+
+        ``stats``: rows of STAT_DTYPE (their round field is set here); ``updates``:
+        (client ids, vectors) to append under /updates.
+        """
         r = self.rounds
+        if stats is not None and len(stats):
+            rows = np.asarray(stats, dtype=STAT_DTYPE).copy()
+            rows["round"] = r
+            d = self.f["codec_stats"]
+            n0 = d.shape[0]
+            d.resize((n0 + len(rows),))
+            d[n0:] = rows
+        if updates is not None and self._updates is not None and len(updates[0]):
+            ids, vec = updates
+            idx, v = self._updates["index"], self._updates["vectors"]
+            n0 = idx.shape[0]
+            idx.resize((n0 + len(ids),))
+            v.resize((n0 + len(ids), v.shape[1]))
+            idx[n0:] = np.array([(r, int(c)) for c in ids], dtype=UPDATE_INDEX_DTYPE)
+            v[n0:] = vec
         for name, values in (("rounds", server), ("clients", clients), ("ranks", ranks)):
             d, metrics, width = self._tables[name]
             row = _fill_row(metrics, width)

@@ -85,10 +85,11 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         "client_rank": np.array([host_rank(c, tr.n_workers) for c in range(job.data.n_clients)], dtype=np.int32),
         "client_train_samples": s.n_samples,
         "hostnames": np.array([h.encode() for h in hosts]),
+        "slot_names": np.array([sl.name.encode() for sl in s.codec.slots]),
     }
     progress = Progress(progress_mode, job.run.rounds, job.run.name)
     with RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
-                overwrite=overwrite or job.log.overwrite) as log:
+                overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims()) as log:
         progress.start(f"{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker ranks, "
                        f"{s.n_params} parameters, codec {s.codec.codec.codec_id} -> {out}")
         run_root(s, tr, log, progress)

@@ -11,13 +11,10 @@ from hpcfl.codecs import UpdateCodec
 from hpcfl.config import Job
 from hpcfl.data import Dataset, client_indices, load_dataset
 from hpcfl.models import build_model, param_table
+from hpcfl.seeding import numpy_rng
 
-__all__ = ["Setup", "build_setup", "CLIENT_RECORD"]
+__all__ = ["Setup", "build_setup"]
 
-# Per-client metrics a worker sends the root each round (fixed dtype: no pickling).
-CLIENT_RECORD = np.dtype([("client", "i8"), ("train_s", "f8"), ("encode_s", "f8"), ("train_loss", "f8"),
-                          ("raw_bytes", "i8"), ("payload_bytes", "i8"), ("header_bytes", "i8"),
-                          ("recon_max_abs", "f8"), ("recon_rel_l2", "f8")])
 
 
 @dataclass
@@ -33,6 +30,22 @@ class Setup:
     @property
     def n_params(self) -> int:
         return int(sum(int(np.prod(s)) for _, s in self.params))
+
+    def update_dims(self) -> np.ndarray | None:
+        """Coordinates of saved raw updates (log.save_updates), the same on every rank."""
+        log = self.job.log
+        if log.save_updates <= 0:
+            return None
+        D = self.n_params
+        k = log.save_update_dims
+        if k <= 0 or k >= D:
+            return np.arange(D, dtype=np.int64)
+        rng = numpy_rng(self.job.run.seed, "saved-update-dims")
+        return np.sort(rng.choice(D, size=k, replace=False)).astype(np.int64)
+
+    def saved_clients(self, sampled: np.ndarray) -> np.ndarray:
+        """The sampled clients whose raw updates are saved this round (the first ones by id)."""
+        return sampled[:self.job.log.save_updates]
 
 
 def build_setup(job: Job, build_data: bool = True) -> Setup:

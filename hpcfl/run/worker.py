@@ -7,17 +7,21 @@ import torch
 from mpi4py import MPI
 
 from hpcfl.codecs import CodecState
-from hpcfl.comm.frames import pack_frames
+from hpcfl.codecs.update import GlobalView
 from hpcfl.comm.transport import Transport
+from hpcfl.fl.capture import make_captures
 from hpcfl.fl.client import LocalTrainer
 from hpcfl.fl.sampling import clients_of_rank, sample_clients
+from hpcfl.results.writer import STAT_DTYPE
+from hpcfl.run.chunk import CLIENT_RECORD, pack_chunk
 from hpcfl.run.faults import maybe_fail
-from hpcfl.run.setup import CLIENT_RECORD, Setup
+from hpcfl.run.setup import Setup
 
-__all__ = ["run_worker"]
+__all__ = ["run_worker", "recon_error"]
 
 
-def _recon_error(update: dict[str, torch.Tensor], recon: dict[str, torch.Tensor]) -> tuple[float, float]:
+def recon_error(update: dict[str, torch.Tensor], recon: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """max |u - û| and ||u - û|| / ||u|| over the whole update."""
     mx, num, den = 0.0, 0.0, 0.0
     for k, u in update.items():
         d = (u - recon[k]).float()
@@ -27,43 +31,75 @@ def _recon_error(update: dict[str, torch.Tensor], recon: dict[str, torch.Tensor]
     return mx, (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
 
 
-def run_worker(s: Setup, tr: Transport) -> None:
-    job = s.job
-    seed, R = job.run.seed, job.run.rounds
-    C, W = job.data.n_clients, tr.n_workers
-    hosted = set(clients_of_rank(tr.rank, C, W).tolist())
-    states = {c: CodecState() for c in hosted}
-    x = torch.from_numpy(s.data.x_train)
-    y = torch.from_numpy(s.data.y_train)
-    trainer = LocalTrainer(s.model, job.train.to_dict(), x, y, seed)
-    flat = np.empty(s.n_params, dtype=np.float32)
-    flat_t = torch.from_numpy(flat)
-    want_recon = job.log.codec_error
-    tcfg = job.train
-    pending = None  # the previous round's gather-time report
-    for r in range(R):
-        idle_s, bcast_s = tr.bcast_model(flat, r)
-        if pending is not None:
-            tr.wait(pending)
-        maybe_fail(tr.rank, r)
-        sampled = sample_clients(C, r, seed, tcfg.clients_per_round, tcfg.client_fraction)
-        mine = [int(c) for c in sampled if int(c) in hosted]
-        msgs: list[bytes] = []
+class Worker:
+    """Hosts a fixed set of clients (round-robin) and their codec state across rounds."""
+
+    def __init__(self, s: Setup, tr: Transport):
+        self.s, self.tr, self.job = s, tr, s.job
+        C = self.job.data.n_clients
+        self.hosted = set(clients_of_rank(tr.rank, C, tr.n_workers).tolist())
+        self.states = {c: CodecState() for c in self.hosted}
+        caps = make_captures(s.codec.side_inputs, s.model) if s.codec.side_inputs else []
+        self.trainer = LocalTrainer(s.model, self.job.train.to_dict(), torch.from_numpy(s.data.x_train),
+                                    torch.from_numpy(s.data.y_train), self.job.run.seed, captures=caps)
+        self.flat = np.empty(s.n_params, dtype=np.float32)
+        self.flat_t = torch.from_numpy(self.flat)
+        self.prev: torch.Tensor | None = None  # last round's global model (needs_global codecs)
+        self.dims = s.update_dims()
+        self.names = [n for n, _ in s.params]
+
+    def _glob(self):
+        if not self.s.codec.needs_global:
+            return None
+        delta = None if self.prev is None else self.flat_t - self.prev
+        self.prev = self.flat_t.clone()
+        return self.s.codec.global_slots(GlobalView(self.flat_t, delta))
+
+    def round(self, r: int, idle_s: float, bcast_s: float):
+        job, s = self.job, self.s
+        t = job.train
+        sampled = sample_clients(job.data.n_clients, r, job.run.seed, t.clients_per_round, t.client_fraction)
+        mine = [int(c) for c in sampled if int(c) in self.hosted]
+        save = set(s.saved_clients(sampled).tolist()) & set(mine) if self.dims is not None else set()
+        glob = self._glob()
+        msgs, stats, saved_ids, saved = [], [], [], []
         recs = np.zeros(len(mine), dtype=CLIENT_RECORD)
         compute = 0.0
         for i, c in enumerate(mine):
             t0 = MPI.Wtime()
-            res = trainer.train(flat_t, s.client_idx[c], c, r)
+            res = self.trainer.train(self.flat_t, s.client_idx[c], c, r)
             t1 = MPI.Wtime()
-            enc = s.codec.encode(res.update, client=c, round=r, state=states[c], want_recon=want_recon)
+            enc = s.codec.encode(res.update, client=c, round=r, state=self.states[c],
+                                 want_recon=job.log.codec_error, side=res.side, glob=glob)
             t2 = MPI.Wtime()
-            mx, rel = _recon_error(res.update, enc.recon) if want_recon else (np.nan, np.nan)
+            mx, rel = recon_error(res.update, enc.recon) if job.log.codec_error else (np.nan, np.nan)
             msgs.append(enc.data)
-            recs[i] = (c, t1 - t0, t2 - t1, res.loss, enc.raw_bytes, enc.payload_bytes, enc.header_bytes, mx, rel)
+            recs[i] = (c, t1 - t0, t2 - t1, res.loss, enc.raw_bytes, enc.payload_bytes, enc.header_bytes, mx, rel,
+                       self.states[c].nbytes())
+            stats.extend((0, c, slot, name.encode()[:24], value) for slot, name, value in enc.stats)
+            if c in save:
+                flat = torch.cat([res.update[n].reshape(-1).float() for n in self.names])
+                saved_ids.append(c)
+                saved.append(flat[torch.from_numpy(self.dims)].numpy())
             compute += t2 - t0
-        # frame 0 carries the client records; the rank's figures ride with the sizes
+        vectors = np.stack(saved) if saved else np.zeros((0, 0 if self.dims is None else len(self.dims)), np.float32)
+        chunk = pack_chunk(recs, np.array(stats, dtype=STAT_DTYPE), np.array(saved_ids, np.int64), vectors, msgs)
+        # the rank's own figures ride with the sizes of the gather
         info = np.array([bcast_s, compute, len(mine), idle_s], dtype=np.float64)
-        _, _, wait_s, transfer_s = tr.gather_bytes(pack_frames([recs.tobytes()] + msgs), info)
-        pending, _ = tr.igather_floats(np.array([wait_s + transfer_s]))
-    if pending is not None:
-        tr.wait(pending)
+        _, _, wait_s, transfer_s = self.tr.gather_bytes(chunk, info)
+        return self.tr.igather_floats(np.array([wait_s + transfer_s]))[0]
+
+    def run(self) -> None:
+        pending = None  # the previous round's gather-time report
+        for r in range(self.job.run.rounds):
+            idle_s, bcast_s = self.tr.bcast_model(self.flat, r)
+            if pending is not None:
+                self.tr.wait(pending)
+            maybe_fail(self.tr.rank, r)
+            pending = self.round(r, idle_s, bcast_s)
+        if pending is not None:
+            self.tr.wait(pending)
+
+
+def run_worker(s: Setup, tr: Transport) -> None:
+    Worker(s, tr).run()

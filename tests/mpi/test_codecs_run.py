@@ -49,3 +49,27 @@ def test_codec_in_run(tmp_path, tiny_job, case):
     assert dec.returncode == 0, dec.stderr
     with np.load(tmp_path / "d.npz") as z:
         assert set(z.files) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_saved_updates_and_state_bytes(tmp_path, tiny_job):
+    """log.save_updates keeps raw updates of the first sampled clients; state bytes are logged."""
+    from hpcfl.results.reader import load_updates
+
+    tiny_job["codec"] = {"id": "topk_ef", "ratio": 0.1}
+    tiny_job["log"] = {"save_updates": 2, "save_update_dims": 50}
+    jp = write_job(tmp_path / "job.toml", tiny_job)
+    out = tmp_path / "run.h5"
+    r = run_hpcfl(["run", str(jp), "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    run = load_run(out)
+    index, vectors, dims = load_updates(out)
+    assert vectors.shape == (2 * run.n_rounds, 50) and dims.shape == (50,)
+    assert np.isfinite(vectors).all() and (np.abs(vectors).sum(axis=1) > 0).all()
+    part = run.clients["participated"].astype(bool)
+    for rnd in range(run.n_rounds):
+        first_two = np.flatnonzero(part[rnd])[:2].tolist()
+        assert sorted(index["client"][index["round"] == rnd].tolist()) == first_two
+    # error feedback keeps one float32 residual per parameter on the client, nothing on the root
+    assert (run.clients["state_bytes"][part] == 4 * 650).all()
+    assert (run.rounds["root_state_bytes"] == 0).all()
+    assert run.slot_names == ["fc.weight", "fc.bias"]

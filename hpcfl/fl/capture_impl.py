@@ -1,0 +1,1 @@
+"""Built-in captures (imported by :func:`hpcfl.fl.capture.captures`)."""
