@@ -29,7 +29,15 @@ def register(name: str, help: str):
 
 
 def _load_commands() -> None:
-    from hpcfl.cli import bench_cmds, codec_cmds, inspect_cmds, run_cmd, sweep_cmds  # noqa: F401
+    """Import every ``hpcfl/cli/*_cmds.py`` module: each registers its commands."""
+    import importlib
+    import pkgutil
+
+    import hpcfl.cli as pkg
+
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if m.name.endswith("_cmds") or m.name == "run_cmd":
+            importlib.import_module(f"hpcfl.cli.{m.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

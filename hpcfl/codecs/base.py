@@ -171,6 +171,7 @@ class Codec(ABC):
     decoder_state: ClassVar[bool] = False
     needs_global: ClassVar[bool] = False
     side_inputs: ClassVar[tuple[str, ...]] = ()
+    required_scope: ClassVar[str | None] = None  # e.g. "model": needs routing.scope = "model"
     params: ClassVar[dict[str, Field | CodecParam]] = {}
     summary: ClassVar[str] = ""
 

@@ -52,6 +52,10 @@ class ErrorFeedback(Codec):
     def side_inputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.inner.side_inputs
 
+    @property
+    def required_scope(self) -> str | None:  # type: ignore[override]
+        return self.inner.required_scope
+
     def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
         return self.inner.downlink_bytes(n_params, round, last_round)
 

@@ -150,6 +150,10 @@ class Pipeline(Codec):
     def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
         return self.encoder.downlink_bytes(n_params, round, last_round)
 
+    @property
+    def required_scope(self) -> str | None:  # type: ignore[override]
+        return self.encoder.required_scope
+
     def _shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         shapes = [shape]
         for t in self.transforms:

@@ -82,6 +82,10 @@ class UpdateCodec:
             raise ConfigError("routing.dense.id", f"{self.dense.codec_id!r} is stateful; the dense route "
                               "takes a stateless codec (identity, fp16, zstd, ...)")
         self.policy = RoutingPolicy.from_config(routing)
+        need = self.codec.required_scope
+        if need is not None and need != self.policy.scope:
+            raise ConfigError("routing.scope", f"codec {self.codec.codec_id!r} works on routing.scope = {need!r}, "
+                              f"not {self.policy.scope!r}")
         self.params = [(n, tuple(int(s) for s in sh)) for n, sh in params]
         self.slots: list[Slot] = self.policy.plan(self.params)
         self.table = [s.shape for s in self.slots]
