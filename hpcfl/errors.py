@@ -54,3 +54,15 @@ class WorldSizeError(UsageError, RuntimeError):
 
 class DataError(UsageError):
     """A data set is missing or its files are not in the expected format."""
+
+
+class NumericalFault(HpcflError):
+    """A client update holds NaN or Inf (run.nonfinite = "stop")."""
+
+
+class RankTimeout(HpcflError):
+    """A rank waited longer than run.timeout for another: the job is declared hung."""
+
+
+class ResultsWriteError(HpcflError):
+    """The run file could not be written (disk full, permissions); earlier rounds are intact."""

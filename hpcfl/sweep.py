@@ -367,8 +367,12 @@ def pending(sweep: Sweep, only: Iterable[int] | None = None) -> list[Point]:
 
 # ------------------------------------------------------------------ local
 
+def _echo(text: str) -> None:
+    print(text, flush=True)  # before and after each child's own output
+
+
 def run_local(sweep: Sweep, points: Sequence[Point], *, progress: str = "plain",
-              echo: Callable[[str], None] = print, python: str | None = None,
+              echo: Callable[[str], None] = _echo, python: str | None = None,
               env: dict | None = None) -> list[tuple[Point, int, str]]:
     """Run points one after another with ``hpcfl run`` (which starts mpiexec). Continues after failures.
 

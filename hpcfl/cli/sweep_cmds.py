@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     statuses = {p.index: point_status(sw, p) for p in sw.points}
     todo = pending(sw, only)
     n_done = sum(1 for s in statuses.values() if s == "complete")
-    print(f"sweep {sw.dir}: {len(sw.points)} points, {n_done} complete, {len(todo)} to run")
+    print(f"sweep {sw.dir}: {len(sw.points)} points, {n_done} complete, {len(todo)} to run", flush=True)
     if not (args.run or args.slurm):
         for p in sw.points:
             print(f"  {p.name:<40s} {statuses[p.index]}")
@@ -71,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print("nothing to do: every point is complete (--only N re-runs one)")
         return 0
+    running = [p.name for p in todo if statuses[p.index] == "running"]
+    if running:
+        print(f"hpcfl sweep: warning: {len(running)} point(s) marked running ({', '.join(running[:3])}"
+              f"{', ...' if len(running) > 3 else ''}): a job may still be writing them, or was killed; "
+              "they are run again", file=sys.stderr)
     if args.slurm:
         script = write_slurm_script(sw, todo, template=args.template, time_limit=args.time,
                                     max_parallel=args.max_parallel, sbatch_options=args.sbatch)

@@ -9,6 +9,7 @@ from hpcfl.codecs import dgc  # noqa: F401
 from hpcfl.codecs import lowrank  # noqa: F401
 from hpcfl.codecs import quantize  # noqa: F401
 from hpcfl.codecs import sign  # noqa: F401
+from hpcfl.codecs import eblc  # noqa: F401
 
 
 def _import_methods() -> None:

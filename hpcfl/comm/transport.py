@@ -8,7 +8,11 @@ Per round:
 * ``gather_bytes``: each worker sends one chunk holding its clients' framed
   messages and metric records. The sizes travel first in a non-blocking
   ``Igather`` (which also carries a few per-rank figures); then one ``Gatherv``
-  fills a fresh, preallocated uint8 buffer at the root.
+  fills a preallocated uint8 buffer at the root. The root keeps its last two
+  receive buffers and reuses one only when nothing outside the transport still
+  refers to it (no chunk, frame or decoded view of an earlier round is alive),
+  so callers always see memory no one else holds, without paying page faults
+  for a fresh buffer every round (docs/mpi-performance.md).
 * ``igather_floats``: figures known only afterwards (a worker's gather time).
 
 Two kinds of wait (MPICH progresses non-blocking collectives only inside MPI
@@ -28,6 +32,7 @@ calls, and a rank blocked in MPI busy-polls a core):
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -66,6 +71,42 @@ def _wait_transfer(req: MPI.Request, poll: float) -> None:
         os.sched_yield()
 
 
+class _RecvPool:
+    """The root's receive buffers for :meth:`Transport.gather_bytes`, reused when provably unreferenced.
+
+    A buffer is handed out again only if its reference count shows that the pool
+    holds the sole reference: every numpy view, ``memoryview`` or
+    ``torch.from_numpy`` tensor made from it (or from a view of it) keeps one,
+    so no caller can observe its old contents being overwritten; a buffer the
+    pool reuses is exactly one that would otherwise have been freed. Otherwise
+    (for instance the previous round's chunks are still alive) the other slot
+    or a new buffer is used. A buffer serves requests between about half its
+    size and its size, so a small round does not pin a huge buffer.
+    """
+
+    def __init__(self, slots: int = 2):
+        self.slots = slots
+        # the count of a buffer only the pool holds, taken with the very expression _free uses (so
+        # interpreters that skip counting some stack references give the same baseline)
+        self._bufs: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
+        self._base = sys.getrefcount(self._bufs[0])
+        self._bufs.clear()
+
+    def _free(self, i: int) -> bool:
+        return sys.getrefcount(self._bufs[i]) <= self._base
+
+    def get(self, n: int) -> np.ndarray:
+        for i in range(len(self._bufs)):
+            if n <= self._bufs[i].size <= 2 * n + 65536 and self._free(i):
+                return self._bufs[i][:n]
+        buf = np.empty(n, dtype=np.uint8)
+        if len(self._bufs) >= self.slots:
+            free = [i for i in range(len(self._bufs)) if self._free(i)]
+            del self._bufs[free[0] if free else 0]  # a busy buffer lives on through its views
+        self._bufs.append(buf)
+        return buf[:n]
+
+
 @dataclass
 class Pending:
     """A started non-blocking collective and the buffers it must keep alive."""
@@ -83,6 +124,7 @@ class Transport:
         self.size = self.comm.Get_size()
         self.poll = poll_interval
         self._token = np.zeros(2, dtype=np.int64)
+        self._recv_pool = _RecvPool()
 
     @property
     def is_root(self) -> bool:
@@ -119,7 +161,7 @@ class Transport:
         per rank that rides along with the sizes (no extra collective).
 
         Returns ``(chunks, infos, wait_s, transfer_s)``. On the root ``chunks[w-1]``
-        is worker ``w``'s chunk (a view into one fresh buffer), ``infos[r]`` rank r's
+        is worker ``w``'s chunk (a view into one buffer that nothing else refers to), ``infos[r]`` rank r's
         info, ``wait_s`` the time until every size was known (waiting for the slowest
         worker) and ``transfer_s`` the Gatherv. Workers get ``(None, None, ...)``.
         """
@@ -137,7 +179,7 @@ class Transport:
             counts = allinfo[:, 0].astype(np.int64)
             displs = np.zeros(self.size, dtype=np.int64)
             np.cumsum(counts[:-1], out=displs[1:])
-            recv = np.empty(int(counts.sum()), dtype=np.uint8)  # fresh: decoded views may outlive the round
+            recv = self._recv_pool.get(int(counts.sum()))  # unreferenced: decoded views may outlive the round
             req = self.comm.Igatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE], root=ROOT)
         else:
             req = self.comm.Igatherv([send, MPI.BYTE], None, root=ROOT)

@@ -57,6 +57,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "(0 = block inside MPI, which busy-polls and steals CPU from training ranks).",
             min=0.0, max=1.0),
         "wire_checksum": Field(bool, False, "Append a CRC32 trailer to every message."),
+        "timeout": Field(float, 600.0, "Seconds any rank may wait for another (in a collective) before the job "
+                         "is declared hung and ended, naming the rank and round.", min=0.0, min_open=True),
+        "nonfinite": Field(str, "stop", "A client update holding NaN/Inf: stop the job, or drop the client for "
+                           "that round (logged).", choices=("stop", "drop")),
+        "checkpoint_every": Field(int, 1, "Write a checkpoint (model, optimizer, all codec state) every k "
+                                  "rounds for hpcfl run --resume (0: never).", min=0),
+        "memory_limit_gb": Field(float, 0.0, "Refuse a job whose estimated codec-state memory on one rank "
+                                 "exceeds this (0: the machine's available memory).", min=0.0),
     },
     "data": {
         "dataset": Field(str, "digits", "Data set.", choices=DATASETS),
@@ -112,6 +120,20 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lossy_patterns": Field(list, [], "If set, only names matching one of these may go lossy.",
                                 item_type=str),
         "dense": Field(dict, {"id": "identity"}, "Codec config for tensors routed dense (identity or lossless)."),
+    },
+    "link": {
+        "mode": Field(str, "off", "Client link emulation: off; model (communication time computed from bytes, "
+                      "logged beside measured time); pace (workers really wait for their clients' links).",
+                      choices=("off", "model", "pace")),
+        "uplink_mbps": Field(float, 10.0, "Client uplink bandwidth, Mbit/s (10^6 bit/s): the median when spread > 0.",
+                             min=0.0, min_open=True),
+        "downlink_mbps": Field(float, 50.0, "Client downlink bandwidth, Mbit/s (10^6 bit/s).", min=0.0,
+                               min_open=True),
+        "latency_ms": Field(float, 20.0, "One-way latency added to each transfer, ms.", min=0.0),
+        "spread": Field(float, 0.0, "Per-client lognormal spread (sigma of ln bandwidth) around the medians; "
+                        "0: every client gets the same link.", min=0.0),
+        "trace": Field(str, "", "CSV of per-client links (columns client, uplink_mbps, downlink_mbps, "
+                       "latency_ms); client c uses row c mod rows. Overrides the values above."),
     },
     "log": {
         "path": Field(str, "runs/{name}-{time}.h5",

@@ -45,6 +45,10 @@ def validate_job(job: Job, check_files: bool = True) -> Validated:
         from hpcfl.data import check_files as _check
 
         _check(d.dataset, d.path)
+    if job.link.mode != "off" and job.link.trace:
+        from hpcfl.fl.link import load_trace
+
+        load_trace(job.link.trace)
     model = build_model(job.model.to_dict(), shape, classes, job.run.seed)
     params = param_table(model)
     uc = UpdateCodec(job.codec, job.routing.to_dict(), params, seed=job.run.seed,

@@ -74,7 +74,10 @@ def write_summary(rows: Sequence[dict], entries: Sequence[Entry], out: str | os.
                           "(chance level as the initial accuracy); NaN or '' = undefined.")
         g = f.create_group("runs")
         for e, r in zip(entries, rows):
-            sub = g.create_group(e.name or e.run.path.stem)
+            name, k = e.name or e.run.path.stem, 2
+            while name in g:  # the same file name in two directories
+                name, k = f"{e.name or e.run.path.stem}-{k}", k + 1
+            sub = g.create_group(name)
             sub.create_dataset("rounds", data=e.run.rounds)
             for k in ("job_json", "codec_json", "status"):
                 sub.attrs[k] = str(e.run.attrs.get(k, ""))

@@ -112,7 +112,8 @@ def _label_lines(ax, lines: list[tuple[float, float, str, dict]], legend_title: 
         handles, labels = ax.get_legend_handles_labels()
         finals = {lab: y for _, y, lab, _ in lines}
         pairs = sorted(zip(handles, labels), key=lambda hl: -finals.get(hl[1], -math.inf))
-        ax.legend([h for h, _ in pairs], [f"{lab}" for _, lab in pairs], title=legend_title, fontsize=7,
+        ax.legend([h for h, _ in pairs], [f"{lab}  ({finals[lab]:.3g})" for _, lab in pairs], title=legend_title,
+                  fontsize=7,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 

@@ -63,6 +63,11 @@ ROUND_METRICS: tuple[Metric, ...] = (
     Metric("raw_bytes", "i8", "B", "Sum over participants of the uncompressed float32 update size.", 0),
     Metric("downlink_bytes", "i8", "B", "Model bytes received by the participants (4 x params each).", 0),
     Metric("compression_ratio", "f8", "1", "raw_bytes / uplink_bytes."),
+    Metric("n_dropped", "i4", "1", "Clients left out of the aggregate for non-finite updates.", 0),
+    Metric("modelled_round_s", "f8", "s", "link.mode model/pace: the synchronous round under the emulated links: "
+           "max over sampled clients of modelled_s, plus the root's decode_s and aggregate_s."),
+    Metric("modelled_uplink_s", "f8", "s", "link emulation: the slowest sampled client's uplink time."),
+    Metric("modelled_downlink_s", "f8", "s", "link emulation: the slowest sampled client's downlink time."),
     Metric("root_state_bytes", "i8", "B", "Decoder-side codec state the root holds for all clients after this "
            "round (e.g. LBGM's look-back gradients; 0 for stateless decoders).", 0),
 )
@@ -81,6 +86,12 @@ CLIENT_METRICS: tuple[Metric, ...] = (
            "method's protocol (4 x params by default; e.g. subspace coordinates for intrinsic compression).", 0),
     Metric("state_bytes", "i8", "B", "This client's codec state on its host rank after encoding (error-feedback "
            "residuals, look-back gradients, warm-start factors).", 0),
+    Metric("dropped", "u1", "1", "1 if the client's decoded update held NaN/Inf and run.nonfinite = 'drop' "
+           "left it out of the aggregate.", 0),
+    Metric("link_up_s", "f8", "s", "link emulation: latency + 8 x message_bytes / uplink bandwidth."),
+    Metric("link_down_s", "f8", "s", "link emulation: latency + 8 x downlink_bytes / downlink bandwidth."),
+    Metric("modelled_s", "f8", "s", "link emulation: link_down_s + train_s + encode_s + link_up_s, the client's "
+           "part of a synchronous round if it had the CPU to itself."),
     Metric("recon_max_abs", "f8", "1", "max |update - decoded| (log.codec_error only)."),
     Metric("recon_rel_l2", "f8", "1", "||update - decoded|| / ||update|| (log.codec_error only)."),
 )
@@ -92,6 +103,9 @@ RANK_METRICS: tuple[Metric, ...] = (
     Metric("compute_s", "f8", "s", "Sum of train_s + encode_s of the rank's sampled clients."),
     Metric("gather_s", "f8", "s", "Time in the message gather (workers: includes waiting for the slowest)."),
     Metric("n_clients", "i4", "1", "Sampled clients hosted this round.", 0),
+    Metric("pace_s", "f8", "s", "link.mode pace: the rank slept this long before sending, the slowest of its "
+           "clients' modelled downlink + uplink."),
+    Metric("rss_bytes", "i8", "B", "Resident memory of the rank at the end of its round's local work.", 0),
 )
 
 # /codec_stats: long table, one row per (round, client, slot, statistic) a codec reported

@@ -13,13 +13,16 @@ from hpcfl.codecs import CodecState
 from hpcfl.codecs.update import GlobalView
 from hpcfl.comm.transport import Transport
 from hpcfl.errors import WireFormatError
+from hpcfl.errors import NumericalFault
 from hpcfl.fl.evaluate import evaluate
+from hpcfl.fl.link import links_for_job
 from hpcfl.fl.sampling import host_rank, sample_clients
 from hpcfl.fl.server import ServerOptimizer, client_weights
 from hpcfl.models import flat_params, load_flat_
 from hpcfl.results.writer import STAT_DTYPE, RunLog
 from hpcfl.run.chunk import CLIENT_RECORD, unpack_chunk
 from hpcfl.run.faults import maybe_fail
+from hpcfl.run.memory import rss_bytes
 from hpcfl.run.progress import Progress
 from hpcfl.run.setup import Setup
 
@@ -60,11 +63,14 @@ class Root:
         self.x_test = torch.from_numpy(s.data.x_test)
         self.y_test = torch.from_numpy(s.data.y_test)
         self.dims = s.update_dims()
+        link = self.job.link
+        self.links = links_for_job(link.to_dict(), self.C, self.job.run.seed) if link.mode != "off" else None
 
     # ------------------------------------------------------------------ steps
     def receive(self, r: int, sampled: np.ndarray, bcast_s: float) -> tuple[Received, object]:
         tr = self.tr
-        chunks, infos, wait_s, gather_s = tr.gather_bytes(None, np.array([bcast_s, 0.0, 0.0, 0.0]))
+        chunks, infos, wait_s, gather_s = tr.gather_bytes(None, np.array([bcast_s, 0.0, 0.0, 0.0, 0.0,
+                                                                            rss_bytes()]))
         t1 = MPI.Wtime()
         pending = tr.igather_floats(np.array([wait_s + gather_s]))
         ndims = 0 if self.dims is None else len(self.dims)
@@ -95,24 +101,37 @@ class Root:
         return self.s.codec.global_slots(GlobalView(self.theta.clone(), delta))
 
     def aggregate(self, r: int, sampled: np.ndarray, rec: Received, glob) -> dict:
-        weights = client_weights([int(self.s.n_samples[c]) for c in sampled], self.job.server.weighting)
-        agg = torch.zeros_like(self.theta)
+        """Decode every message (client-id order, so sums do not depend on the world size),
+        screen for non-finite values, then take the weighted mean and one server step."""
         decode_s = np.full(self.C, np.nan)
-        t_agg, payload, header = 0.0, 0, 0
-        for c, w in zip(sampled.tolist(), weights):
+        dropped = np.zeros(self.C, dtype=np.uint8)
+        t_dec, payload, header = 0.0, 0, 0
+        decoded: list[tuple[int, dict]] = []
+        for c in sampled.tolist():
             ta = MPI.Wtime()
             res = self.s.codec.decode(rec.messages[c], client=c, round=r, state=self.dec_states[c], glob=glob)
             tb = MPI.Wtime()
-            for name, off, n in self.offsets:
-                agg[off:off + n].add_(res.update[name].reshape(-1), alpha=w)
             decode_s[c] = tb - ta
-            t_agg += MPI.Wtime() - tb
             payload += res.payload_bytes
             header += res.header_bytes
+            bad = [n for n, u in res.update.items() if not bool(torch.isfinite(u).all())]
+            if bad:
+                if self.job.run.nonfinite == "stop":
+                    raise NumericalFault(f"client {c} sent NaN/Inf in round {r} (tensors {', '.join(bad[:3])}); "
+                                         "stopping (run.nonfinite = 'drop' skips such clients instead)")
+                dropped[c] = 1
+                continue
+            decoded.append((c, res.update))
         ta = MPI.Wtime()
-        self.opt.step(self.theta, agg)
-        return {"decode_s": decode_s, "aggregate_s": t_agg + MPI.Wtime() - ta, "payload_bytes": payload,
-                "header_bytes": header}
+        agg = torch.zeros_like(self.theta)
+        if decoded:
+            weights = client_weights([int(self.s.n_samples[c]) for c, _ in decoded], self.job.server.weighting)
+            for (c, upd), w in zip(decoded, weights):
+                for name, off, n in self.offsets:
+                    agg[off:off + n].add_(upd[name].reshape(-1), alpha=w)
+            self.opt.step(self.theta, agg)
+        return {"decode_s": decode_s, "aggregate_s": MPI.Wtime() - ta, "payload_bytes": payload,
+                "header_bytes": header, "dropped": dropped}
 
     def evaluate(self, r: int) -> tuple[float, float, float]:
         R = self.job.run.rounds
@@ -139,10 +158,17 @@ class Root:
         for c in sampled.tolist():
             ints["downlink_bytes"][c] = self.s.codec.downlink_bytes(r, int(self.last_round[c]))
         self.last_round[sampled] = r
-        clients = {**cl, **ints, "participated": part, "decode_s": agg["decode_s"]}
+        clients = {**cl, **ints, "participated": part, "decode_s": agg["decode_s"], "dropped": agg["dropped"]}
+        if self.links is not None:
+            up = np.full(C, np.nan)
+            down = np.full(C, np.nan)
+            up[ids] = self.links.uplink_s(ids, ints["message_bytes"][ids])
+            down[ids] = self.links.downlink_s(ids, ints["downlink_bytes"][ids])
+            clients.update(link_up_s=up, link_down_s=down, modelled_s=down + cl["train_s"] + cl["encode_s"] + up)
         infos = rec.infos
         ranks = {"bcast_s": infos[:, 0], "compute_s": infos[:, 1], "n_clients": infos[:, 2].astype(np.int64),
-                 "idle_s": infos[:, 3], "gather_s": gather_times[:, 0]}
+                 "idle_s": infos[:, 3], "pace_s": infos[:, 4], "rss_bytes": infos[:, 5].astype(np.int64),
+                 "gather_s": gather_times[:, 0]}
         return clients, ranks
 
     # ------------------------------------------------------------------- loop
@@ -186,7 +212,13 @@ class Root:
                 "raw_bytes": raw, "downlink_bytes": int(clients["downlink_bytes"].sum()),
                 "compression_ratio": raw / uplink if uplink else math.nan,
                 "root_state_bytes": sum(st.nbytes("shared") for st in self.dec_states.values()),
+                "n_dropped": int(agg["dropped"].sum()),
             }
+            if self.links is not None:
+                m = clients["modelled_s"]
+                server.update(modelled_round_s=float(np.nanmax(m)) + decode_total + agg["aggregate_s"],
+                              modelled_uplink_s=float(np.nanmax(clients["link_up_s"])),
+                              modelled_downlink_s=float(np.nanmax(clients["link_down_s"])))
             tl = MPI.Wtime()
             self.log.append_round(server, clients, ranks, stats=rec.stats,
                                   updates=(rec.update_ids, rec.update_vectors) if self.dims is not None else None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -11,10 +13,12 @@ from hpcfl.codecs.update import GlobalView
 from hpcfl.comm.transport import Transport
 from hpcfl.fl.capture import make_captures
 from hpcfl.fl.client import LocalTrainer
+from hpcfl.fl.link import links_for_job
 from hpcfl.fl.sampling import clients_of_rank, sample_clients
 from hpcfl.results.writer import STAT_DTYPE
 from hpcfl.run.chunk import CLIENT_RECORD, pack_chunk
-from hpcfl.run.faults import maybe_fail
+from hpcfl.run.faults import maybe_fail, poison
+from hpcfl.run.memory import rss_bytes
 from hpcfl.run.setup import Setup
 
 __all__ = ["run_worker", "recon_error"]
@@ -47,6 +51,9 @@ class Worker:
         self.prev: torch.Tensor | None = None  # last round's global model (needs_global codecs)
         self.dims = s.update_dims()
         self.names = [n for n, _ in s.params]
+        self.pace = self.job.link.mode == "pace"
+        self.links = links_for_job(self.job.link.to_dict(), C, self.job.run.seed) if self.pace else None
+        self.last_round = {c: -1 for c in self.hosted}  # for the codec's download protocol
 
     def _glob(self):
         if not self.s.codec.needs_global:
@@ -68,6 +75,7 @@ class Worker:
         for i, c in enumerate(mine):
             t0 = MPI.Wtime()
             res = self.trainer.train(self.flat_t, s.client_idx[c], c, r)
+            poison(self.tr.rank, r, res.update)
             t1 = MPI.Wtime()
             enc = s.codec.encode(res.update, client=c, round=r, state=self.states[c],
                                  want_recon=job.log.codec_error, side=res.side, glob=glob)
@@ -84,10 +92,24 @@ class Worker:
             compute += t2 - t0
         vectors = np.stack(saved) if saved else np.zeros((0, 0 if self.dims is None else len(self.dims)), np.float32)
         chunk = pack_chunk(recs, np.array(stats, dtype=STAT_DTYPE), np.array(saved_ids, np.int64), vectors, msgs)
+        pace_s = self._pace(r, mine, recs) if self.pace and mine else 0.0
+        for c in mine:
+            self.last_round[c] = r
         # the rank's own figures ride with the sizes of the gather
-        info = np.array([bcast_s, compute, len(mine), idle_s], dtype=np.float64)
+        info = np.array([bcast_s, compute, len(mine), idle_s, pace_s, rss_bytes()], dtype=np.float64)
         _, _, wait_s, transfer_s = self.tr.gather_bytes(chunk, info)
         return self.tr.igather_floats(np.array([wait_s + transfer_s]))[0]
+
+    def _pace(self, r: int, mine: list[int], recs: np.ndarray) -> float:
+        """Sleep for the slowest hosted client's emulated downlink + uplink, so measured time
+        includes the links. Clients share this rank's CPU one after another, so only the
+        link time is paced, not a parallel timeline (docs/links.md)."""
+        ids = np.array(mine)
+        down = self.links.downlink_s(ids, [self.s.codec.downlink_bytes(r, self.last_round[c]) for c in mine])
+        up = self.links.uplink_s(ids, recs["payload_bytes"] + recs["header_bytes"])
+        pace = float((down + up).max())
+        time.sleep(pace)
+        return pace
 
     def run(self) -> None:
         pending = None  # the previous round's gather-time report

@@ -132,3 +132,44 @@ def test_bad_job_fails_before_launch(tmp_path, tiny_job):
     assert len(lines) == 1 and "train.lr" in lines[0] and "Traceback" not in r.stderr
     assert not out.exists()
     assert time.monotonic() - t < 30
+
+
+def test_link_model_and_pace(tmp_path, tiny_job):
+    """model: link times computed from bytes; pace: workers really wait for them."""
+    tiny_job["run"]["rounds"] = 2
+    tiny_job["link"] = {"mode": "model", "uplink_mbps": 1.0, "downlink_mbps": 4.0, "latency_ms": 50.0}
+    r, out = _run(tmp_path, tiny_job, "model")
+    assert r.returncode == 0, r.stderr
+    run = load_run(out)
+    part = run.clients["participated"].astype(bool)
+    up = 0.05 + 8 * run.clients["message_bytes"][part] / 1e6
+    down = 0.05 + 8 * run.clients["downlink_bytes"][part] / 4e6
+    np.testing.assert_allclose(run.clients["link_up_s"][part], up, rtol=1e-12)
+    np.testing.assert_allclose(run.clients["link_down_s"][part], down, rtol=1e-12)
+    assert np.isnan(run.clients["link_up_s"][~part]).all()
+    assert (run.rounds["modelled_round_s"] > up.max() + down.max()).all()
+    assert (run.ranks["pace_s"] == 0).all()
+    model_round_s = run.rounds["round_s"].copy()
+    tiny_job["link"]["mode"] = "pace"
+    r, out = _run(tmp_path, tiny_job, "pace")
+    assert r.returncode == 0, r.stderr
+    run = load_run(out)
+    busy = run.ranks["n_clients"][:, 1:] > 0
+    assert (run.ranks["pace_s"][:, 1:][busy] > 0.1).all() and (run.ranks["pace_s"][:, 1:][~busy] == 0).all()
+    assert (run.rounds["round_s"] > run.ranks["pace_s"].max(axis=1)).all()
+    assert np.median(model_round_s) < run.rounds["round_s"].min()  # only pace mode slows the run
+
+
+def test_nonfinite_update_policies(tmp_path, tiny_job):
+    tiny_job["run"]["rounds"] = 3
+    r, out = _run(tmp_path, tiny_job, "nanstop", env=hpcfl_env(HPCFL_FAULT="rank=1,round=1,kind=nan"))
+    assert r.returncode != 0 and "NaN/Inf in round 1" in r.stderr
+    assert load_run(out).n_rounds == 1
+    tiny_job["run"]["nonfinite"] = "drop"
+    r, out = _run(tmp_path, tiny_job, "nandrop", env=hpcfl_env(HPCFL_FAULT="rank=1,round=1,kind=nan"))
+    assert r.returncode == 0, r.stderr
+    run = load_run(out)
+    assert run.rounds["n_dropped"].tolist()[0] == 0 and run.rounds["n_dropped"][1] >= 1
+    hosted_by_1 = run.meta["client_rank"] == 1
+    assert (run.clients["dropped"][1][hosted_by_1 & (run.clients["participated"][1] == 1)] == 1).all()
+    assert np.isfinite(run.rounds["accuracy"]).all()
