@@ -15,8 +15,8 @@ from hpcfl.errors import UsageError
 RUN_FLAGS = ("set", "out", "overwrite", "progress")
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="job file (TOML)")
+def _job_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("job", nargs="?" if optional else None, help="job file (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job key (repeatable); VALUE is TOML, e.g. --set train.lr=0.1")
 
@@ -29,7 +29,9 @@ def add_validate(p: argparse.ArgumentParser) -> None:
 
 @register("run", "run a job: launches mpiexec itself unless already under mpiexec or srun")
 def add_run(p: argparse.ArgumentParser) -> None:
-    _job_args(p)
+    _job_args(p, optional=True)
+    p.add_argument("--resume", metavar="RUN.h5", help="continue a run from its last checkpoint (same file; "
+                   "--set may only change run.rounds, run.ranks and log.progress)")
     p.add_argument("--out", help="HDF5 output path (overrides log.path; {name} {time} {job_id} allowed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--progress", choices=("auto", "tty", "plain", "off"), help="override log.progress")
@@ -44,12 +46,40 @@ def run(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+RESUME_KEYS = ("run.rounds", "run.ranks", "log.progress")
+
+
 def _load(args):
     from hpcfl.config import load_job
     from hpcfl.config.validate import validate_job
 
-    job = load_job(args.job, args.set)
+    if getattr(args, "resume", None):
+        job = _resume_job(args)
+    else:
+        if not args.job:
+            raise UsageError("give a job file, or --resume RUN.h5")
+        job = load_job(args.job, args.set)
     return job, validate_job(job)
+
+
+def _resume_job(args):
+    """The job a run file was made with, plus the few overrides a resume allows."""
+    import json
+
+    from hpcfl.config import job_from_dict
+    from hpcfl.config.load import apply_overrides, parse_override
+    from hpcfl.results import load_run
+
+    if args.job:
+        raise UsageError("--resume takes the job from the run file; do not give a job file too")
+    for text in args.set:
+        key, _ = parse_override(text)
+        if key not in RESUME_KEYS:
+            raise UsageError(f"--set {key}: a resumed run can only change {', '.join(RESUME_KEYS)}")
+    run = load_run(args.resume)
+    raw = json.loads(run.attrs["job_json"])
+    raw["run"]["ranks"] = int(run.attrs.get("world_size", raw["run"]["ranks"]))
+    return job_from_dict(apply_overrides(raw, args.set), args.resume)
 
 
 def _validate(args) -> int:
@@ -80,13 +110,24 @@ def _self_launch(args) -> int:
     from hpcfl.run.progress import resolve_mode
 
     job, _ = _load(args)
-    out = resolve_out_path(job, args.out)
-    overwrite = args.overwrite or job.log.overwrite
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite or choose another --out")
     progress = resolve_mode(args.progress or job.log.progress)
-    cmd = [str(mpiexec_path()), "-n", str(job.run.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfl", "run",
-           args.job, "--out", str(out), "--progress", progress, "--launcher", "self"]
+    if args.resume:
+        from hpcfl.run.checkpoint import latest
+
+        out = Path(args.resume)
+        k = latest(out)  # fails here, before any rank starts, if nothing can be resumed
+        if k >= job.run.rounds:
+            raise UsageError(f"{out}: all {job.run.rounds} rounds are done; --set run.rounds=N to extend it")
+        cmd = [str(mpiexec_path()), "-n", str(job.run.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfl",
+               "run", "--resume", str(out), "--progress", progress, "--launcher", "self"]
+        overwrite = False
+    else:
+        out = resolve_out_path(job, args.out)
+        overwrite = args.overwrite or job.log.overwrite
+        if out.exists() and not overwrite:
+            raise UsageError(f"{out} exists; pass --overwrite or choose another --out")
+        cmd = [str(mpiexec_path()), "-n", str(job.run.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfl",
+               "run", args.job, "--out", str(out), "--progress", progress, "--launcher", "self"]
     for s in args.set:
         cmd += ["--set", s]
     if overwrite:
@@ -118,19 +159,39 @@ def _run_in_mpi(args, launcher: str) -> int:
         from hpcfl.run.orchestrator import resolve_out_path, run_job
         from hpcfl.run.progress import resolve_mode
 
-        job = load_job(args.job, args.set)
-        if launcher != "self":  # the self-launcher validated already
-            from hpcfl.config.validate import validate_job
+        resume_k = None
+        if args.resume:
+            from hpcfl.run.checkpoint import latest
 
-            validate_job(job)
-        if launcher == "self":  # the launcher already filled the placeholders
-            out = Path(args.out)
+            # rank 0 reads the run file; everyone gets the same job and checkpoint round
+            got = None
+            if rank == 0:
+                try:
+                    got = (_resume_job(args).to_dict(), latest(Path(args.resume)))
+                except UsageError as e:
+                    got = e
+            got = comm.bcast(got, root=0)
+            if isinstance(got, UsageError):
+                raise got
+            from hpcfl.config import job_from_dict
+
+            job = job_from_dict(got[0], args.resume)
+            resume_k = got[1]
+            out = Path(args.resume)
         else:
-            out = resolve_out_path(job, args.out) if rank == 0 else None
-        out = comm.bcast(out, root=0)
+            job = load_job(args.job, args.set)
+            if launcher != "self":  # the self-launcher validated already
+                from hpcfl.config.validate import validate_job
+
+                validate_job(job)
+            if launcher == "self":  # the launcher already filled the placeholders
+                out = Path(args.out)
+            else:
+                out = resolve_out_path(job, args.out) if rank == 0 else None
+            out = comm.bcast(out, root=0)
         progress = resolve_mode(args.progress or job.log.progress)
         run_job(job, out, launcher=launcher, progress_mode=progress if rank == 0 else "off",
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, resume_k=resume_k)
         return 0
     except UsageError as e:
         # every rank usually fails the same way: rank 0 speaks, all leave with code 2

@@ -81,6 +81,16 @@ class Job:
     def hash(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    @property
+    def hash_without_rounds(self) -> str:
+        """Identity of the computation: a resumed run may extend run.rounds (and change
+        output/progress settings) but nothing that changes the rounds already done."""
+        d = self.to_dict()
+        d["run"].pop("rounds", None)
+        for k in ("progress", "path", "overwrite"):
+            d["log"].pop(k, None)
+        return hashlib.sha256(canonical_json(d).encode()).hexdigest()[:16]
+
     def with_updates(self, updates: Mapping[str, Any]) -> "Job":
         """A re-validated copy with dotted-key updates applied."""
         d = self.to_dict()

@@ -57,6 +57,7 @@ ROUND_METRICS: tuple[Metric, ...] = (
            "decode_s + aggregate_s + eval_s: the measured phases on the critical path."),
     Metric("overhead_s", "f8", "s", "round_s - critical_s: framework time outside every measured phase."),
     Metric("log_s", "f8", "s", "Root: writing and flushing this round to HDF5 (outside round_s)."),
+    Metric("ckpt_s", "f8", "s", "Root: writing its checkpoint after this round (0 when none is due)."),
     Metric("uplink_bytes", "i8", "B", "Sum over participants of message bytes (payload + header).", 0),
     Metric("payload_bytes", "i8", "B", "Sum over participants of payload bytes.", 0),
     Metric("header_bytes", "i8", "B", "Sum over participants of header bytes.", 0),
@@ -156,4 +157,5 @@ ROOT_ATTRS: dict[str, str] = {
     "versions_json": "python, torch, numpy, h5py, mpi4py versions.",
     "git_commit": "git commit of the hpcfl source tree, or ''.",
     "command": "The command line of rank 0.",
+    "resumes_json": "Each hpcfl run --resume: when, and after how many rounds it continued.",
 }

@@ -97,6 +97,56 @@ class RunLog:
         f.flush()
         f.swmr_mode = True
 
+    @classmethod
+    def resume(cls, path: str | os.PathLike, rounds_done: int) -> "RunLog":
+        """Reopen a run file to continue after ``rounds_done`` rounds (hpcfl run --resume).
+
+        Rows of later rounds (written after the checkpoint) are cut off: the resumed
+        run recomputes them. The file's consistency flags, left set by a killed
+        writer, are cleared first.
+        """
+        from hpcfl.results.repair import clear_status_flags
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        clear_status_flags(self.path)
+        try:
+            self.f = h5py.File(self.path, "a", libver="latest")
+        except OSError as e:
+            raise UsageError(f"cannot reopen {self.path} to resume: {e}") from None
+        f = self.f
+        done = int(f.attrs.get("rounds_done", 0))
+        if rounds_done > done:
+            raise UsageError(f"{self.path} holds {done} rounds but the checkpoint is after {rounds_done}")
+        self._tables = {}
+        for name, metrics in (("rounds", ROUND_METRICS), ("clients", CLIENT_METRICS), ("ranks", RANK_METRICS)):
+            d = f[name]
+            d.resize((rounds_done,) + d.shape[1:])
+            self._tables[name] = (d, metrics, d.shape[1:])
+        st = f["codec_stats"]
+        keep = int(np.searchsorted(st["round"][:], rounds_done)) if st.shape[0] else 0
+        st.resize((keep,))
+        self._updates = f["updates"] if "updates" in f else None
+        if self._updates is not None:
+            idx = self._updates["index"]
+            keep = int(np.searchsorted(idx["round"][:], rounds_done)) if idx.shape[0] else 0
+            idx.resize((keep,))
+            self._updates["vectors"].resize((keep, self._updates["vectors"].shape[1]))
+        self.rounds = rounds_done
+        history = json.loads(f.attrs.get("resumes_json", "[]"))
+        history.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds_done": rounds_done,
+                        "previous_status": str(f.attrs.get("status", ""))})
+        f.attrs["resumes_json"] = json.dumps(history)
+        f.attrs["status"] = "running"
+        f.attrs["rounds_done"] = rounds_done
+        f.flush()
+        f.swmr_mode = True
+        return self
+
+    def last_value(self, metric: str) -> float:
+        d = self._tables["rounds"][0]
+        return float(d[self.rounds - 1][metric]) if self.rounds else 0.0
+
     def __enter__(self) -> "RunLog":
         return self
 

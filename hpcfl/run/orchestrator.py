@@ -38,7 +38,7 @@ def resolve_out_path(job: Job, out: str | None) -> Path:
 
 
 def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite: bool = False,
-            comm=None) -> None:
+            comm=None, resume_k: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
     if not tr.is_root:
         from hpcfl.run.worker import run_worker
 
-        run_worker(s, tr)
+        run_worker(s, tr, out, resume_k)
         return
 
     from hpcfl.fl.sampling import host_rank
@@ -88,9 +88,18 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         "slot_names": np.array([sl.name.encode() for sl in s.codec.slots]),
     }
     progress = Progress(progress_mode, job.run.rounds, job.run.name)
-    with RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
-                overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims()) as log:
-        progress.start(f"{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker ranks, "
-                       f"{s.n_params} parameters, codec {s.codec.codec.codec_id} -> {out}")
-        run_root(s, tr, log, progress)
+    if resume_k is not None:
+        log = RunLog.resume(out, resume_k)
+        if log.f["ranks"].shape[1] != tr.size:  # the rank table's width is fixed at creation
+            log.close("failed: resumed on a different world size")
+            raise WorldSizeError(f"{out} was written by {log.f['ranks'].shape[1]} ranks; resume with the same "
+                                 f"number (--set run.ranks=...) so its per-rank table stays aligned")
+    else:
+        log = RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
+                     overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims())
+    with log:
+        what = f"resuming after round {resume_k}: " if resume_k is not None else ""
+        progress.start(f"{what}{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker "
+                       f"ranks, {s.n_params} parameters, codec {s.codec.codec.codec_id} -> {out}")
+        run_root(s, tr, log, progress, resume_k)
     progress.start(f"done: {out}")

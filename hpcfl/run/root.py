@@ -20,6 +20,7 @@ from hpcfl.fl.sampling import host_rank, sample_clients
 from hpcfl.fl.server import ServerOptimizer, client_weights
 from hpcfl.models import flat_params, load_flat_
 from hpcfl.results.writer import STAT_DTYPE, RunLog
+from hpcfl.run import checkpoint
 from hpcfl.run.chunk import CLIENT_RECORD, unpack_chunk
 from hpcfl.run.faults import maybe_fail
 from hpcfl.run.memory import rss_bytes
@@ -45,7 +46,7 @@ class Received:
 
 
 class Root:
-    def __init__(self, s: Setup, tr: Transport, log: RunLog, progress: Progress):
+    def __init__(self, s: Setup, tr: Transport, log: RunLog, progress: Progress, resume_k: int | None = None):
         self.s, self.tr, self.log, self.progress, self.job = s, tr, log, progress, s.job
         self.C = self.job.data.n_clients
         self.theta = flat_params(s.model)   # the global model, float32, updated in place
@@ -65,6 +66,33 @@ class Root:
         self.dims = s.update_dims()
         link = self.job.link
         self.links = links_for_job(link.to_dict(), self.C, self.job.run.seed) if link.mode != "off" else None
+        self.start = 0
+        if resume_k is not None:
+            self._restore(resume_k)
+
+    def _restore(self, k: int) -> None:
+        ck = checkpoint.read_root(self.log.path, k)
+        if ck["job_hash"] != self.job.hash_without_rounds:
+            raise RuntimeError("the checkpoint was written by a different job")
+        self.theta.copy_(torch.from_numpy(ck["theta"]))
+        self.opt.velocity = None if ck["velocity"] is None else torch.from_numpy(ck["velocity"])
+        self.prev = None if ck["prev"] is None else torch.from_numpy(ck["prev"])
+        self.last_round[:] = ck["last_round"]
+        for c, st in ck["states"].items():
+            self.dec_states[c] = st
+        self.start = k
+
+    def _checkpoint(self, k: int) -> float:
+        every, R = self.job.run.checkpoint_every, self.job.run.rounds
+        if not every or (k % every and k != R):
+            return 0.0
+        t = MPI.Wtime()
+        v = self.opt.velocity
+        checkpoint.write_root(self.log.path, k, job_hash=self.job.hash_without_rounds, world_size=self.tr.size,
+                              theta=self.theta.numpy(), velocity=None if v is None else v.numpy(),
+                              prev=None if self.prev is None else self.prev.numpy(), last_round=self.last_round,
+                              states=self.dec_states)
+        return MPI.Wtime() - t
 
     # ------------------------------------------------------------------ steps
     def receive(self, r: int, sampled: np.ndarray, bcast_s: float) -> tuple[Received, object]:
@@ -175,8 +203,8 @@ class Root:
     def run(self) -> None:
         job, tr = self.job, self.tr
         R, t = job.run.rounds, job.train
-        t_start = MPI.Wtime()
-        for r in range(R):
+        t_start = MPI.Wtime() - (self.log.last_value("wall_time") if self.start else 0.0)
+        for r in range(self.start, R):
             t0 = MPI.Wtime()
             _, bcast_s = tr.bcast_model(self.flat, r)
             maybe_fail(tr.rank, r)
@@ -223,6 +251,9 @@ class Root:
             self.log.append_round(server, clients, ranks, stats=rec.stats,
                                   updates=(rec.update_ids, rec.update_vectors) if self.dims is not None else None)
             self.log.set_round_value("log_s", MPI.Wtime() - tl)
+            ck = self._checkpoint(r + 1)
+            if ck:
+                self.log.set_round_value("ckpt_s", ck)
             self.progress.round(r, acc, uplink, server["compression_ratio"], round_s)
 
 
@@ -238,5 +269,5 @@ def _save_messages(out, r: int, msg_of: dict[int, np.ndarray]) -> None:
         (d / f"round{r:05d}-client{c:05d}.hpfl").write_bytes(m.tobytes())
 
 
-def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress) -> None:
-    Root(s, tr, log, progress).run()
+def run_root(s: Setup, tr: Transport, log: RunLog, progress: Progress, resume_k: int | None = None) -> None:
+    Root(s, tr, log, progress, resume_k).run()

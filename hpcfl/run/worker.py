@@ -16,6 +16,7 @@ from hpcfl.fl.client import LocalTrainer
 from hpcfl.fl.link import links_for_job
 from hpcfl.fl.sampling import clients_of_rank, sample_clients
 from hpcfl.results.writer import STAT_DTYPE
+from hpcfl.run import checkpoint
 from hpcfl.run.chunk import CLIENT_RECORD, pack_chunk
 from hpcfl.run.faults import maybe_fail, poison
 from hpcfl.run.memory import rss_bytes
@@ -38,7 +39,7 @@ def recon_error(update: dict[str, torch.Tensor], recon: dict[str, torch.Tensor])
 class Worker:
     """Hosts a fixed set of clients (round-robin) and their codec state across rounds."""
 
-    def __init__(self, s: Setup, tr: Transport):
+    def __init__(self, s: Setup, tr: Transport, out=None, resume_k: int | None = None):
         self.s, self.tr, self.job = s, tr, s.job
         C = self.job.data.n_clients
         self.hosted = set(clients_of_rank(tr.rank, C, tr.n_workers).tolist())
@@ -54,6 +55,23 @@ class Worker:
         self.pace = self.job.link.mode == "pace"
         self.links = links_for_job(self.job.link.to_dict(), C, self.job.run.seed) if self.pace else None
         self.last_round = {c: -1 for c in self.hosted}  # for the codec's download protocol
+        self.out = out
+        self.start = 0
+        if resume_k is not None:
+            self._restore(resume_k)
+
+    def _restore(self, k: int) -> None:
+        self.states.update(checkpoint.read_clients(self.out, k, self.hosted))
+        ck = checkpoint.read_root(self.out, k)
+        self.prev = None if ck["prev"] is None else torch.from_numpy(ck["prev"])
+        for c in self.hosted:
+            self.last_round[c] = int(ck["last_round"][c])
+        self.start = k
+
+    def _checkpoint(self, k: int) -> None:
+        every, R = self.job.run.checkpoint_every, self.job.run.rounds
+        if self.out is not None and every and (k % every == 0 or k == R):
+            checkpoint.write_rank(self.out, self.tr.rank, k, self.states)
 
     def _glob(self):
         if not self.s.codec.needs_global:
@@ -98,7 +116,9 @@ class Worker:
         # the rank's own figures ride with the sizes of the gather
         info = np.array([bcast_s, compute, len(mine), idle_s, pace_s, rss_bytes()], dtype=np.float64)
         _, _, wait_s, transfer_s = self.tr.gather_bytes(chunk, info)
-        return self.tr.igather_floats(np.array([wait_s + transfer_s]))[0]
+        pending = self.tr.igather_floats(np.array([wait_s + transfer_s]))[0]
+        self._checkpoint(r + 1)
+        return pending
 
     def _pace(self, r: int, mine: list[int], recs: np.ndarray) -> float:
         """Sleep for the slowest hosted client's emulated downlink + uplink, so measured time
@@ -113,7 +133,7 @@ class Worker:
 
     def run(self) -> None:
         pending = None  # the previous round's gather-time report
-        for r in range(self.job.run.rounds):
+        for r in range(self.start, self.job.run.rounds):
             idle_s, bcast_s = self.tr.bcast_model(self.flat, r)
             if pending is not None:
                 self.tr.wait(pending)
@@ -123,5 +143,5 @@ class Worker:
             self.tr.wait(pending)
 
 
-def run_worker(s: Setup, tr: Transport) -> None:
-    Worker(s, tr).run()
+def run_worker(s: Setup, tr: Transport, out=None, resume_k: int | None = None) -> None:
+    Worker(s, tr, out, resume_k).run()

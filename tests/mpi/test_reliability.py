@@ -1,0 +1,67 @@
+"""Rank failures end the job and keep completed rounds; --resume continues bit for bit."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from hpcfl.results import load_run
+from tests.conftest import hpcfl_env, needs_mpiexec, run_hpcfl, write_job
+
+pytestmark = [pytest.mark.mpi, needs_mpiexec]
+
+
+@pytest.fixture
+def stateful_job(tiny_job):
+    """Stateful on both sides of the optimizer: error feedback and server momentum."""
+    tiny_job["run"].update(rounds=6, ranks=3)
+    tiny_job["model"] = {"name": "mlp", "hidden": [16]}
+    tiny_job["server"] = {"momentum": 0.9}
+    tiny_job["codec"] = {"id": "topk_ef", "ratio": 0.1}
+    return tiny_job
+
+
+def _same_metrics(a, b):
+    for k in ("accuracy", "loss", "train_loss", "uplink_bytes", "payload_bytes", "n_participants"):
+        np.testing.assert_array_equal(a.rounds[k], b.rounds[k], err_msg=k)
+    for k in ("participated", "payload_bytes", "header_bytes", "train_loss", "state_bytes"):
+        np.testing.assert_array_equal(a.clients[k], b.clients[k], err_msg=k)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stateful_job):
+    jp = write_job(tmp_path / "job.toml", stateful_job)
+    full, cut = tmp_path / "full.h5", tmp_path / "cut.h5"
+    assert run_hpcfl(["run", str(jp), "--out", str(full)]).returncode == 0
+    t = time.monotonic()
+    r = run_hpcfl(["run", str(jp), "--out", str(cut)], env=hpcfl_env(HPCFL_FAULT="rank=1,round=4,kind=kill"))
+    assert r.returncode != 0 and time.monotonic() - t < 60
+    run = load_run(cut)
+    assert run.n_rounds == 4 and run.status.startswith("failed")
+    r = run_hpcfl(["run", "--resume", str(cut)])
+    assert r.returncode == 0, r.stderr
+    resumed = load_run(cut)
+    assert resumed.complete and resumed.n_rounds == 6
+    _same_metrics(load_run(full), resumed)
+    # nothing left to do: a second resume is refused before any rank starts
+    r = run_hpcfl(["run", "--resume", str(cut)])
+    assert r.returncode == 2 and "all 6 rounds are done" in r.stderr
+    # ...unless the run is extended
+    r = run_hpcfl(["run", "--resume", str(cut), "--set", "run.rounds=7"])
+    assert r.returncode == 0, r.stderr
+    assert load_run(cut).n_rounds == 7
+
+
+def test_resume_refusals(tmp_path, stateful_job):
+    stateful_job["run"]["checkpoint_every"] = 0
+    stateful_job["run"]["rounds"] = 2
+    jp = write_job(tmp_path / "job.toml", stateful_job)
+    out = tmp_path / "nock.h5"
+    assert run_hpcfl(["run", str(jp), "--out", str(out)]).returncode == 0
+    r = run_hpcfl(["run", "--resume", str(out)])
+    assert r.returncode == 2 and "no checkpoints" in r.stderr
+    r = run_hpcfl(["run", "--resume", str(out), "--set", "train.lr=0.5"])
+    assert r.returncode == 2 and "train.lr" in r.stderr
+    r = run_hpcfl(["run", "--resume", str(tmp_path / "missing.h5")])
+    assert r.returncode == 2
