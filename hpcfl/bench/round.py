@@ -143,7 +143,8 @@ def _bare_raw(comm: MPI.Comm, raw: np.ndarray, budget: float, max_samples: int) 
 
 def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Sequence[int] = DEFAULT_SIZES, *,
                 clients_per_rank: int = 1, repeat: int = 5, warmup: int = 1, budget: float = 0.3,
-                max_gathers: int = 50, poll_interval: float = 0.0002, data: str = "gaussian", seed: int = 0,
+                max_gathers: int = 50, poll_interval: float = 0.0002, recv_buffers: int = 2,
+                data: str = "gaussian", seed: int = 0,
                 progress: Callable[[dict], None] | None = None) -> list[dict] | None:
     """Measure encode / gather / decode and bare Gatherv; collective. Rank 0 returns one record per point.
 
@@ -152,6 +153,9 @@ def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Seq
     (multiples of 4). ``repeat`` timed rounds after ``warmup`` untimed ones; in
     each round ``K`` hpcfl/bare gather pairs, ``K`` chosen after the warm-up so
     that the gathers of a point take about ``budget`` s (1 to ``max_gathers``).
+    ``poll_interval`` and ``recv_buffers`` configure the
+    :class:`~hpcfl.comm.transport.Transport` (ablations: 0 blocks inside MPI /
+    allocates a fresh receive buffer per gather).
     """
     import torch
 
@@ -170,7 +174,7 @@ def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Seq
             raise ValueError(f"size {s}: raw bytes per client must be a positive multiple of 4 (float32)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tr = Transport(comm, poll_interval)
+    tr = Transport(comm, poll_interval, recv_buffers=recv_buffers)
     W, cpr = P - 1, clients_per_rank
     mine = list(range((rank - 1) * cpr, rank * cpr)) if rank > 0 else []
     clients_of = {w: list(range((w - 1) * cpr, w * cpr)) for w in range(1, P)}

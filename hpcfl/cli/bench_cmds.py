@@ -385,6 +385,9 @@ def _add_round(p: argparse.ArgumentParser) -> None:
                    help="at most N hpcfl/bare gather pairs per round (default 50)")
     p.add_argument("--poll-interval", type=float, default=0.0002, metavar="S",
                    help="hpcfl transport's run.poll_interval (default 0.0002; 0 = block inside MPI)")
+    p.add_argument("--recv-buffers", type=int, default=2, metavar="N",
+                   help="receive buffers the transport's root reuses (default 2; 0 = a fresh buffer per "
+                        "gather, as before the reuse)")
     p.add_argument("--data", default="gaussian", choices=("gaussian", "heavy", "lowrank", "real"),
                    help="test tensor (default gaussian)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test tensors")
@@ -404,8 +407,8 @@ def _run_round(args: argparse.Namespace) -> int:
     _check_out(args)
     if args.clients_per_rank < 1 or args.warmup < 1 or args.max_gathers < 1:
         raise UsageError("--clients-per-rank, --warmup and --max-gathers must be >= 1")
-    if args.budget < 0 or args.poll_interval < 0:
-        raise UsageError("--budget and --poll-interval must be >= 0")
+    if args.budget < 0 or args.poll_interval < 0 or args.recv_buffers < 0:
+        raise UsageError("--budget, --poll-interval and --recv-buffers must be >= 0")
     rc = _self_launch("round", args)
     if rc is not None:
         return rc
@@ -426,13 +429,14 @@ def _run_round(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         records = bench_round(comm, specs, sizes, clients_per_rank=args.clients_per_rank, repeat=args.repeat,
                               warmup=args.warmup, budget=args.budget, max_gathers=args.max_gathers,
-                              poll_interval=args.poll_interval, data=args.data, seed=args.seed,
-                              progress=progress)
+                              poll_interval=args.poll_interval, recv_buffers=args.recv_buffers, data=args.data,
+                              seed=args.seed, progress=progress)
         if comm.Get_rank() == 0:
             attrs = _mpi_attrs(comm, "round", args, codecs_json=json.dumps([c for _, c in specs]),
                                sizes_json=json.dumps(sizes), clients_per_rank=args.clients_per_rank,
                                repeat=args.repeat, warmup=args.warmup, budget_s=args.budget,
-                               poll_interval=args.poll_interval, data=args.data, seed=args.seed, torch_threads=1,
+                               poll_interval=args.poll_interval, recv_buffers=args.recv_buffers,
+                               data=args.data, seed=args.seed, torch_threads=1,
                                elapsed_s=time.perf_counter() - t0, units=UNITS_NOTE,
                                timing="samples: max over ranks (MPI.Wtime); derived figures use medians")
             _emit(args, "round", records, ROUND_FIELDS, attrs, format_round_table, format_round_markdown)

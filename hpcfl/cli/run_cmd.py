@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from hpcfl.cli import register
-from hpcfl.errors import UsageError
+from hpcfl.errors import HpcflError, UsageError
 
 RUN_FLAGS = ("set", "out", "overwrite", "progress")
 
@@ -91,6 +91,8 @@ def _validate(args) -> int:
     print(f"{args.job}: ok — {job.run.rounds} rounds, {job.data.n_clients} clients, {job.run.ranks} ranks, "
           f"model {job.model.name} ({v.n_params} parameters), codec {job.codec['id']} on {lossy} of "
           f"{len(v.slots)} tensors, job hash {job.hash}")
+    if v.memory is not None:
+        print(f"  estimated memory: {v.memory.describe()}")
     return 0
 
 
@@ -126,6 +128,7 @@ def _self_launch(args) -> int:
         overwrite = args.overwrite or job.log.overwrite
         if out.exists() and not overwrite:
             raise UsageError(f"{out} exists; pass --overwrite or choose another --out")
+        _check_writable(out)
         cmd = [str(mpiexec_path()), "-n", str(job.run.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfl",
                "run", args.job, "--out", str(out), "--progress", progress, "--launcher", "self"]
     for s in args.set:
@@ -140,6 +143,17 @@ def _self_launch(args) -> int:
         print(f"hpcfl run: the MPI job exited with code {rc}; completed rounds are in {out}"
               if out.exists() else f"hpcfl run: the MPI job exited with code {rc}", file=sys.stderr)
     return rc
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before launching if the output directory cannot be created or written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".hpcfl-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write the run file {out}: {e.strerror} ({out.parent})") from None
 
 
 def _mark_failed(out, rc: int) -> None:
@@ -201,6 +215,11 @@ def _run_in_mpi(args, launcher: str) -> int:
         if size > 1:
             comm.Abort(2)
         return 2
+    except HpcflError as e:  # a diagnosed failure (numerical fault, hung rank, disk full): one clear line
+        print(f"hpcfl run: rank {rank}/{size}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if size > 1:
+            comm.Abort(1)
+        return 1
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank
         if isinstance(e, SystemExit) and not e.code:
             raise

@@ -96,6 +96,8 @@ class _RecvPool:
         return sys.getrefcount(self._bufs[i]) <= self._base
 
     def get(self, n: int) -> np.ndarray:
+        if self.slots <= 0:  # no reuse: a fresh buffer every time
+            return np.empty(n, dtype=np.uint8)
         for i in range(len(self._bufs)):
             if n <= self._bufs[i].size <= 2 * n + 65536 and self._free(i):
                 return self._bufs[i][:n]
@@ -118,13 +120,14 @@ class Pending:
 class Transport:
     """The job's communicator and the collectives an FL round needs."""
 
-    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.0002):
+    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.0002, recv_buffers: int = 2):
+        """``recv_buffers``: receive buffers the root keeps for reuse (0: a fresh one every gather)."""
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.poll = poll_interval
         self._token = np.zeros(2, dtype=np.int64)
-        self._recv_pool = _RecvPool()
+        self._recv_pool = _RecvPool(recv_buffers)
 
     @property
     def is_root(self) -> bool:

@@ -24,9 +24,10 @@ class Validated:
     n_params: int
     slots: list  # routing plan
     codec_config: dict
+    memory: object = None  # MemoryEstimate
 
 
-def validate_job(job: Job, check_files: bool = True) -> Validated:
+def validate_job(job: Job, check_files: bool = True, check_memory: bool = True) -> Validated:
     from hpcfl.codecs import UpdateCodec
     from hpcfl.models import build_model, param_table
 
@@ -53,4 +54,12 @@ def validate_job(job: Job, check_files: bool = True) -> Validated:
     params = param_table(model)
     uc = UpdateCodec(job.codec, job.routing.to_dict(), params, seed=job.run.seed,
                      checksum=job.run.wire_checksum)
-    return Validated(job, sum(s.numel for s in uc.slots), uc.slots, uc.config)
+    n_params = sum(s.numel for s in uc.slots)
+    mem = None
+    if check_memory:
+        from hpcfl.config.memory import check_memory as _check, estimate_memory
+        from hpcfl.run.memory import available_bytes
+
+        mem = estimate_memory(job, uc, n_params)
+        _check(mem, job.run.memory_limit_gb, available_bytes())
+    return Validated(job, n_params, uc.slots, uc.config, mem)

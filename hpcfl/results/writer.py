@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from hpcfl.errors import UsageError
+from hpcfl.errors import ResultsWriteError, UsageError
 from hpcfl.results.schema import (CLIENT_METRICS, CODEC_STAT_FIELDS, RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION,
                                   Metric)
 
@@ -159,8 +159,17 @@ class RunLog:
         """Append one round; metrics not given keep their fill value (NaN or 0).
 
         ``stats``: rows of STAT_DTYPE (their round field is set here); ``updates``:
-        (client ids, vectors) to append under /updates.
+        (client ids, vectors) to append under /updates. A failed write (disk full,
+        lost permissions) raises ResultsWriteError; earlier, flushed rounds stay
+        readable (SWMR).
         """
+        try:
+            self._append(server, clients, ranks, stats, updates)
+        except OSError as e:
+            raise ResultsWriteError(f"cannot write round {self.rounds} to {self.path}: {e}; rounds 0.."
+                                    f"{self.rounds - 1} are intact in the file") from None
+
+    def _append(self, server, clients, ranks, stats, updates) -> None:
         r = self.rounds
         if stats is not None and len(stats):
             rows = np.asarray(stats, dtype=STAT_DTYPE).copy()
