@@ -248,10 +248,12 @@ def test_cli_report(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     write_run(a)
     write_run(b, rounds=1)
-    r = _hpcfl("report", str(a), str(b))
+    r = _hpcfl("report", str(a))  # one run: the summary
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == format_summary(summarize(load_run(a))) + "\n\n" + \
-        format_summary(summarize(load_run(b)))
+    assert r.stdout.strip() == format_summary(summarize(load_run(a)))
+    r = _hpcfl("report", str(a), str(b))  # several: one comparison table (tests/test_compare.py)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("2 runs; target accuracy")
     r = _hpcfl("report", "--json", str(a), str(b))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()

@@ -14,7 +14,7 @@ from hpcfl.codecs.base import PartError
 
 __all__ = ["kernel_signs", "abs_stats", "predict", "pack_levels", "unpack_levels"]
 
-SIGMA_FLOOR = 1e-8  # the authors skip the division by sigma_prev below this
+SIGMA_FLOOR = 1e-8  # the authors skip the normalisation by sigma_prev (sigma_c) below this
 
 
 def kernel_signs(g: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,8 @@ def predict(prev: np.ndarray, mem: np.ndarray, predictable: np.ndarray, positive
 
     N_prev = (|prev| - mu_p) / sd_p (no division when sd_p <= 1e-8); on the
     predictable kernels Mem <- (1 - beta) Mem + beta N_prev and the prediction
-    is s * |Mem * sd_c + mu_c| with s the kernel's dominant sign; 0 elsewhere.
+    is s * |Mem * sd_c + mu_c| (no product when sd_c <= 1e-8) with s the kernel's
+    dominant sign; 0 elsewhere.
     """
     mu_p, sd_p = abs_stats(prev)
     norm = np.abs(prev) - mu_p
@@ -55,7 +56,7 @@ def predict(prev: np.ndarray, mem: np.ndarray, predictable: np.ndarray, positive
         norm /= sd_p
     mask = np.repeat(predictable, m)
     new_mem = np.where(mask, np.float32(1.0 - beta) * mem + np.float32(beta) * norm, mem)
-    mag = np.abs(new_mem * sd_c + mu_c)
+    mag = np.abs((new_mem * sd_c if sd_c > SIGMA_FLOOR else new_mem) + mu_c)
     sign = np.where(np.repeat(positive, m), np.float32(1), np.float32(-1))
     pred = np.where(mask, sign * mag, np.float32(0))
     return pred.astype(np.float32, copy=False), new_mem.astype(np.float32, copy=False)
