@@ -73,18 +73,14 @@ def chance_accuracy(run: Run) -> float:
 def per_bit_accuracy(run: Run) -> float:
     """PBA_total of methods.md §4.5: (Acc_final - Acc_0) / (total uplink bits over training).
 
-    Acc_final is the last evaluated accuracy; total uplink bits are 8 x the sum of
-    ``uplink_bytes`` (payload + header, every client, every round). Acc_0, the
-    accuracy of the initial model, is not logged, so the chance level
-    1 / n_classes stands in for it (:func:`chance_accuracy`). Unit: accuracy per
-    bit (multiply by 1e6 for accuracy per Mbit). NaN if no round was evaluated
-    or nothing was sent.
+    Defined once, in :mod:`hpcfl.results.perbit` (both definitions, documented
+    there): Acc_0 is the initial model's accuracy the run logged
+    (``initial_accuracy``), or chance level for older files. NaN if no round was
+    evaluated or nothing was sent.
     """
-    idx, acc = _evaluated(run)
-    bits = 8.0 * float(run.rounds["uplink_bytes"].sum()) if run.n_rounds else 0.0
-    if not idx.size or bits <= 0:
-        return math.nan
-    return (float(acc[-1]) - chance_accuracy(run)) / bits
+    from hpcfl.results.perbit import per_bit_accuracy as _pba
+
+    return float(_pba(run)["total"])
 
 
 def rounds_to_target(run: Run, target: float) -> int | None:

@@ -146,6 +146,8 @@ ROOT_ATTRS: dict[str, str] = {
     "codec_hash": "The 64-bit hash every message carries, hex.",
     "seed": "Job seed.",
     "dataset": "Data set name (data.dataset).",
+    "initial_accuracy": "Test accuracy of the initial global model (before round 0): Acc_0 of per-bit accuracy.",
+    "initial_loss": "Test loss of the initial global model.",
     "n_clients": "Number of virtual clients.",
     "n_params": "Trainable parameters of the model.",
     "param_table_json": "[[name, shape], ...] in model order.",

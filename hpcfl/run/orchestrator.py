@@ -87,6 +87,13 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         "hostnames": np.array([h.encode() for h in hosts]),
         "slot_names": np.array([sl.name.encode() for sl in s.codec.slots]),
     }
+    if resume_k is None:  # Acc_0 for per-bit accuracy: the initial global model on the test set
+        import torch
+
+        from hpcfl.fl.evaluate import evaluate
+
+        loss0, acc0 = evaluate(s.model, torch.from_numpy(s.data.x_test), torch.from_numpy(s.data.y_test))
+        attrs.update(initial_accuracy=acc0, initial_loss=loss0)
     progress = Progress(progress_mode, job.run.rounds, job.run.name)
     if resume_k is not None:
         log = RunLog.resume(out, resume_k)

@@ -60,6 +60,7 @@ def test_identity_bytes_and_file(tmp_path, tiny_job):
         assert (run.clients[k][part] > 0).all() and np.isnan(run.clients[k][~part]).all()
     a = run.attrs
     assert a["world_size"] == 3 and a["launcher"] == "self" and "MPICH" in a["mpi_library"]
+    assert 0.0 <= a["initial_accuracy"] < run.rounds["accuracy"][-1]  # Acc_0 of per-bit accuracy
     assert json.loads(a["job_json"])["run"]["rounds"] == 3
     assert json.loads(a["versions_json"])["torch"]
     assert run.meta["client_rank"].tolist() == [1, 2, 1, 2, 1, 2]

@@ -144,8 +144,11 @@ class MWQ(Codec):
         parts["codes"] = packed
         counts = np.bincount(idx, minlength=1 << self.bits)
         p = counts[counts > 0] / n
+        energy = float(np.dot(counts, levels.astype(np.float64) ** 2))
         stats = {"beta": float(fit[2]), "alpha": float(fit[3]),
-                 "entropy_bits": float(-(p * np.log2(p)).sum())}
+                 "entropy_bits": float(-(p * np.log2(p)).sum()),
+                 # ||Q(x)|| / ||x||: M > 0 moves levels outward, inflating the update (a step-size factor)
+                 "gain": math.sqrt(energy / (n * (sd * sd + mu * mu)))}
         enc = Encoded(parts, flags=flags, stats=stats)
         if ctx.want_recon:
             enc.recon = from_numpy(levels[idx], ctx.shape).to(x.device)
