@@ -1,34 +1,31 @@
 """Error-bounded lossy compression (EBLC): SZ3 (``pysz``) and ZFP (``zfpy``) as codecs.
 
-The guarantee, for every lossy tensor and always: ``max |x - x_hat| <= eb``, with
-``eb`` the float32 value sent in the ``meta`` part. ``mode = "rel"`` sets
-``eb = eps * (max x - min x)`` (SZ3's REL mode, computed here and rounded *down*
-to float32 so the bound is exactly known); ``mode = "abs"`` sets ``eb = eps``.
-The compressors run in absolute mode on the flattened tensor (as APPFL does).
-The encoder always runs the exact decoder on its own stream (it needs the
-reconstruction anyway) and sends every element the compressor left outside the
-bound (float rounding; ZFP's or SZ3's own slips) as an *exception*: its index
-and exact value. So the bound never depends on the C library keeping it.
+The guarantee, on every lossy tensor, always: ``max |x - x_hat| <= eb``, the
+float32 bound sent in ``meta``. ``mode = "rel"``: ``eb = eps * (max x - min x)``
+(SZ3's REL, computed here and rounded *down* to float32); ``"abs"``: ``eb = eps``.
+The compressors run in ABS mode on the flattened tensor (as APPFL does). The
+encoder runs the exact decoder on its own stream (it needs the reconstruction
+anyway) and sends every element left outside the bound (float rounding, the
+library's own slips) as an exception: index and exact value.
 
-Untrusted streams: ``meta[0]`` is a CRC32 of the stream, checked before any C
-decoder sees it (4 bytes per tensor). The pysz build here raises on the
-malformed streams we fuzzed, but a CRC cannot stop a *crafted* message; ZFP is
-additionally memory-safe against any bytes: its headerless stream is decoded
-from a zero-padded buffer longer than any block sequence can read (zfp's bit
-reader has no end check), and the output shape is ours, never the stream's.
+Untrusted streams: ``meta[0]`` is a CRC32 of the stream, checked before a C
+decoder sees it (4 B per tensor). It stops corruption, not a crafted message:
+pysz raised or decoded to the right shape on every malformed SZ3 stream we
+fuzzed, and ZFP is memory-safe for any bytes (headerless stream, our shape and
+tolerance, decoded from a zero-padded buffer longer than zfp's unchecked bit
+reader can reach).
 
-Parts (``lossy``, flags 0): ``meta`` uint32[2 + k] (CRC32, float32 bits of
-``eb``, then k codec-specific float32 words), ``stream`` uint8, and, when some
-element needed it, ``exc_idx`` uint32 (strictly increasing) with ``exc_val``
-float32. ``raw`` (flags 1): ``values`` float32[n], used for empty, non-finite or
-constant tensors (no usable bound) and whenever the lossy form is not smaller.
-Payload bytes: ``8 + len(stream) + 8 * exceptions`` (lossy) or ``4n`` (raw).
-Stats per tensor: ``ratio`` (4n / payload), ``eb``, ``max_err_over_eb``,
-``exceptions``.
+Parts, lossy (flags 0): ``meta`` uint32[2 + k] (CRC32, eb, k float32 words of
+the caller's), ``stream`` uint8, and if needed ``exc_idx`` uint32 (increasing)
+with ``exc_val`` float32. Raw (flags 1): ``values`` float32[n], for empty,
+non-finite or constant tensors and whenever lossy is not smaller.
+Payload bytes: ``8 + len(stream) + 8 * exceptions`` or ``4n``.
+Stats: ``ratio`` (4n / payload), ``eb``, ``max_err_over_eb``, ``exceptions``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -39,12 +36,11 @@ import torch
 from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
 from hpcfl.codecs.registry import register_codec
 
-__all__ = ["SZ3", "ZFP", "ErrorBoundViolation", "abs_bound", "BACKENDS", "Coded", "encode_lossy",
-           "decode_lossy", "raw_coded", "meta_words", "usable", "verify_bound", "EBLC_PARTS", "FLAG_RAW", "bound_stats", "check_parts"]
+__all__ = ["SZ3", "ZFP", "ErrorBoundViolation", "abs_bound", "usable", "BACKENDS", "Coded", "encode_lossy",
+           "decode_lossy", "raw_coded", "meta_words", "check_parts", "bound_stats", "verify_bound", "FLAG_RAW"]
 
 FLAG_RAW = 1
-EBLC_PARTS = ("meta", "stream", "exc_idx", "exc_val", "values")
-_TINY = float(np.finfo(np.float32).tiny)
+_TINY, _MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 class ErrorBoundViolation(RuntimeError):
@@ -52,14 +48,11 @@ class ErrorBoundViolation(RuntimeError):
 
 
 def abs_bound(a: np.ndarray, mode: str, eps: float) -> float:
-    """The absolute bound as a float32 value, never above the exact ``eps`` or ``eps * range``.
-
-    0 or inf when there is none (empty, non-finite or constant tensor).
-    """
+    """The bound as a float32 value, never above ``eps`` (abs) or ``eps * range`` (rel); 0 or inf: none."""
     if a.size == 0:
         return 0.0
     eb = eps if mode == "abs" else eps * (float(a.max()) - float(a.min()))
-    if not math.isfinite(eb):
+    if not eb <= _MAX:
         return math.inf
     e32 = np.float32(eb)
     if float(e32) > eb:
@@ -71,13 +64,8 @@ def usable(eb: float) -> bool:
     return math.isfinite(eb) and eb >= _TINY
 
 
-# ------------------------------------------------------------------ backends
-
 class _SZ3:
     """SZ3 (pysz), ABS mode, default algorithm (interpolation + Lorenzo), single-threaded."""
-
-    def __init__(self) -> None:
-        self._prefix: bytes | None = None
 
     def compress(self, r: np.ndarray, eb: float) -> np.ndarray:
         from pysz import sz, szConfig, szErrorBoundMode
@@ -88,19 +76,14 @@ class _SZ3:
         c, _ = sz.compress(np.ascontiguousarray(r, dtype=np.float32), cfg)
         return np.array(c, dtype=np.uint8)  # copy: c is a view of the size-bound buffer
 
-    def prefix(self) -> bytes:
-        """SZ3's magic and version (first 8 bytes of every stream of this build)."""
-        if self._prefix is None:
-            self._prefix = bytes(self.compress(np.zeros(4, np.float32), 1.0)[:8])
-        return self._prefix
-
-    def max_stream(self, n: int) -> int:
-        return 4 * n + 4096  # a stream larger than raw plus SZ3's header and config is never sent
+    @functools.cached_property
+    def prefix(self) -> bytes:  # SZ3's magic and version: the first 8 bytes of every stream of this build
+        return bytes(self.compress(np.zeros(4, np.float32), 1.0)[:8])
 
     def decompress(self, s: np.ndarray, n: int, eb: float) -> np.ndarray:
         from pysz import sz
 
-        if s.size < 16 or bytes(s[:8]) != self.prefix():
+        if s.size < 16 or bytes(s[:8]) != self.prefix:
             raise PartError("stream", "not an SZ3 stream of this build (magic/version)")
         if int(s[8:16].view("<u8")[0]) > s.size - 16:
             raise PartError("stream", "SZ3 header declares more payload than the stream holds")
@@ -130,15 +113,13 @@ class _ZFP:
         b = zfpy.compress_numpy(np.ascontiguousarray(r, dtype=np.float32), tolerance=eb, write_header=False)
         return np.frombuffer(b, dtype=np.uint8).copy()
 
-    def max_stream(self, n: int) -> int:
-        return 8 * (((n + 3) // 4 * self.BITS_PER_BLOCK + 63) // 64)
-
     def decompress(self, s: np.ndarray, n: int, eb: float) -> np.ndarray:
         import zfpy
 
         if s.size % 8:
             raise PartError("stream", f"{s.size} bytes: a zfp stream is whole 64-bit words")
-        buf = np.zeros(self.max_stream(n) + 16, dtype=np.uint8)  # calloc: untouched pages cost nothing
+        reach = 8 * (((n + 3) // 4 * self.BITS_PER_BLOCK + 63) // 64) + 16  # > 4n >= any accepted stream
+        buf = np.zeros(reach, dtype=np.uint8)  # calloc: untouched pages cost nothing
         buf[:s.size] = s
         try:
             y = zfpy._decompress(buf, zfpy.type_float, [n], tolerance=eb)
@@ -149,8 +130,6 @@ class _ZFP:
 
 BACKENDS = {"sz3": _SZ3(), "zfp": _ZFP()}
 
-
-# ------------------------------------------------------- coding with a bound
 
 @dataclass
 class Coded:
@@ -169,34 +148,28 @@ def raw_coded(x: np.ndarray) -> Coded:
 
 def encode_lossy(x: np.ndarray, base: np.ndarray | None, eb: float, backend: str,
                  extra: tuple[float, ...] = ()) -> Coded | None:
-    """Code ``x - base`` under ``eb``; exceptions restore the bound on ``base + decoded``.
-
-    None when the residual is not finite (the caller falls back). ``extra`` are
-    float32 words appended to ``meta`` (the caller's side information).
-    """
-    r = x if base is None else x - base
-    if not np.isfinite(r).all():
-        return None
-    be = BACKENDS[backend]
-    stream = be.compress(r, eb)
-    meta = np.empty(2 + len(extra), dtype=np.uint32)
-    meta[0] = zlib.crc32(stream)
-    meta[1:] = np.array((eb, *extra), dtype=np.float32).view(np.uint32)
-    xhat = _add(base, be.decompress(stream, x.size, eb))  # the exact decoder, on our own stream
-    d = np.abs(x - xhat)
-    idx = np.flatnonzero(~(d < np.float32(eb)))  # candidates (NaN/inf included), then the exact test
-    if idx.size:
-        idx = idx[~(np.abs(x[idx].astype(np.float64) - xhat[idx].astype(np.float64)) <= eb)]
+    """Code ``x - base`` under ``eb``, exceptions restoring the bound on ``base + decoded``; ``extra``
+    float32 words go into ``meta``. None when the residual is not finite (the caller falls back)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = x if base is None else x - base
+        if not np.isfinite(r).all():
+            return None
+        be = BACKENDS[backend]
+        stream = be.compress(r, eb)
+        meta = np.empty(2 + len(extra), dtype=np.uint32)
+        meta[0] = zlib.crc32(stream)
+        meta[1:] = np.array((eb, *extra), dtype=np.float32).view(np.uint32)
+        xhat = be.decompress(stream, x.size, eb)  # the exact decoder, on our own stream
+        xhat = xhat if base is None else base + xhat
+        idx = np.flatnonzero(~(np.abs(x - xhat) < np.float32(eb)))  # candidates (NaN, inf too), then exact
+        if idx.size:
+            idx = idx[~(np.abs(x[idx].astype(np.float64) - xhat[idx].astype(np.float64)) <= eb)]
     parts = {"meta": meta, "stream": stream}
     if idx.size:
         parts["exc_idx"] = idx.astype(np.uint32)
         parts["exc_val"] = x[idx]
         xhat[idx] = x[idx]
     return Coded(parts, 0, xhat, eb, int(idx.size))
-
-
-def _add(base: np.ndarray | None, r: np.ndarray) -> np.ndarray:
-    return r if base is None else base + r
 
 
 def check_parts(enc: Encoded, allowed: set[str]) -> None:
@@ -221,10 +194,12 @@ def decode_lossy(enc: Encoded, n: int, base: np.ndarray | None, backend: str, n_
     be = BACKENDS[backend]
     eb, _ = meta_words(enc, n_extra)
     meta = enc.parts["meta"]
-    stream = need_part(enc, "stream", np.uint8, min_size=1, max_size=be.max_stream(n))
+    stream = need_part(enc, "stream", np.uint8, min_size=1, max_size=4 * n)  # larger goes raw
     if zlib.crc32(stream) != int(meta[0]):
         raise PartError("stream", "CRC32 mismatch: the compressed stream is corrupt")
-    xhat = _add(base, be.decompress(stream, n, eb))
+    xhat = be.decompress(stream, n, eb)
+    with np.errstate(over="ignore", invalid="ignore"):
+        xhat = xhat if base is None else base + xhat
     if "exc_idx" in enc.parts or "exc_val" in enc.parts:
         idx = need_part(enc, "exc_idx", np.uint32, min_size=1, max_size=n)
         val = need_part(enc, "exc_val", np.float32, idx.size)
@@ -238,30 +213,25 @@ def decode_lossy(enc: Encoded, n: int, base: np.ndarray | None, backend: str, n_
     return xhat
 
 
+def _max_err(x: np.ndarray, recon: np.ndarray) -> float:
+    return float(np.max(np.abs(x.astype(np.float64) - recon))) if x.size else 0.0
+
+
 def bound_stats(x: np.ndarray, c: Coded) -> dict[str, float]:
     """Per-tensor diagnostics: ratio, eb, max|x - x_hat| / eb, exception count."""
     payload = sum(a.nbytes for a in c.parts.values())
-    st = {"ratio": 4.0 * x.size / payload if payload else math.nan, "eb": c.eb,
-          "exceptions": float(c.exceptions)}
+    st = {"ratio": 4.0 * x.size / payload if payload else math.nan, "eb": c.eb, "exceptions": float(c.exceptions)}
     if not c.flags & FLAG_RAW:
-        err = float(np.max(np.abs(x.astype(np.float64) - c.recon))) if x.size else 0.0
-        st["max_err_over_eb"] = err / c.eb
+        st["max_err_over_eb"] = _max_err(x, c.recon) / c.eb
     return st
 
 
-def verify_bound(name: str, x: np.ndarray, recon: np.ndarray, eb: float, flags: int) -> None:
-    """Raise :class:`ErrorBoundViolation` if a lossy tensor's reconstruction leaves the bound."""
-    if flags & FLAG_RAW:
-        ok = np.array_equal(x.view(np.uint32), recon.view(np.uint32))
-        err = 0.0 if ok else math.inf
-    else:
-        err = float(np.max(np.abs(x.astype(np.float64) - recon))) if x.size else 0.0
-        ok = err <= eb
-    if not ok:
+def verify_bound(name: str, x: np.ndarray, recon: np.ndarray, eb: float, raw: bool) -> None:
+    """Raise :class:`ErrorBoundViolation` if ``recon`` leaves the bound (raw: is not exact)."""
+    err = _max_err(x, recon)
+    if err > (0.0 if raw else eb) or (raw and not np.array_equal(x.view(np.uint32), recon.view(np.uint32))):
         raise ErrorBoundViolation(f"tensor {name!r}: max |x - x_hat| = {err!r} exceeds the bound {eb!r}")
 
-
-# --------------------------------------------------------------------- codecs
 
 class _EBLC(Codec):
     """SZ3 or ZFP on the flattened tensor under an absolute or relative bound (module doc)."""
@@ -279,7 +249,7 @@ class _EBLC(Codec):
 
     @property
     def part_names(self) -> tuple[str, ...]:
-        return EBLC_PARTS
+        return ("meta", "stream", "exc_idx", "exc_val", "values")
 
     def encode(self, x: torch.Tensor, ctx: Ctx) -> Encoded:
         a = to_numpy(x.float()).reshape(-1)
@@ -290,7 +260,7 @@ class _EBLC(Codec):
         enc = Encoded(c.parts, c.flags, stats=bound_stats(a, c))
         if self.verify:
             dec = to_numpy(self.decode(Encoded(dict(c.parts), c.flags), ctx)).reshape(-1)
-            verify_bound(ctx.name, a, dec, c.eb, c.flags)
+            verify_bound(ctx.name, a, dec, c.eb, bool(c.flags & FLAG_RAW))
         if ctx.want_recon:
             enc.recon = from_numpy(c.recon, ctx.shape, x.device)
         return enc
@@ -310,10 +280,7 @@ class _EBLC(Codec):
 
 @register_codec
 class SZ3(_EBLC):
-    """SZ3 (pysz) under an absolute or value-range-relative bound; exceptions make it exact.
-
-    Payload bytes: 8 + len(SZ3 stream) + 8 * exceptions, or 4n raw (module doc).
-    """
+    """SZ3 (pysz) under an ABS or REL bound, guaranteed by exceptions. Payload: module doc."""
 
     codec_id = "sz3"
     backend = "sz3"
@@ -322,10 +289,7 @@ class SZ3(_EBLC):
 
 @register_codec
 class ZFP(_EBLC):
-    """ZFP (zfpy) fixed-accuracy mode with tolerance = the bound; exceptions make it exact.
-
-    Payload bytes: 8 + len(ZFP stream) + 8 * exceptions, or 4n raw (module doc).
-    """
+    """ZFP (zfpy) fixed-accuracy mode, tolerance = the bound, guaranteed by exceptions. Payload: module doc."""
 
     codec_id = "zfp"
     backend = "zfp"

@@ -51,14 +51,15 @@ def predict(prev: np.ndarray, mem: np.ndarray, predictable: np.ndarray, positive
     dominant sign; 0 elsewhere.
     """
     mu_p, sd_p = abs_stats(prev)
-    norm = np.abs(prev) - mu_p
-    if sd_p > SIGMA_FLOOR:
-        norm /= sd_p
-    mask = np.repeat(predictable, m)
-    new_mem = np.where(mask, np.float32(1.0 - beta) * mem + np.float32(beta) * norm, mem)
-    mag = np.abs((new_mem * sd_c if sd_c > SIGMA_FLOOR else new_mem) + mu_c)
-    sign = np.where(np.repeat(positive, m), np.float32(1), np.float32(-1))
-    pred = np.where(mask, sign * mag, np.float32(0))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf predictions make the caller fall back
+        norm = np.abs(prev) - mu_p
+        if sd_p > SIGMA_FLOOR:
+            norm /= sd_p
+        mask = np.repeat(predictable, m)
+        new_mem = np.where(mask, np.float32(1.0 - beta) * mem + np.float32(beta) * norm, mem)
+        mag = np.abs((new_mem * sd_c if sd_c > SIGMA_FLOOR else new_mem) + mu_c)
+        sign = np.where(np.repeat(positive, m), np.float32(1), np.float32(-1))
+        pred = np.where(mask, sign * mag, np.float32(0))
     return pred.astype(np.float32, copy=False), new_mem.astype(np.float32, copy=False)
 
 

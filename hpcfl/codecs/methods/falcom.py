@@ -48,6 +48,7 @@ from hpcfl.codecs.eblc import (FLAG_RAW, Coded, abs_bound, bound_stats, check_pa
                                meta_words, raw_coded, usable, verify_bound)
 from hpcfl.codecs.methods._falcom_predict import kernel_signs, pack_levels, predict, unpack_levels
 from hpcfl.codecs.registry import register_codec
+from hpcfl.errors import StateMismatchError
 
 __all__ = ["FalCom", "DIRECT", "RAW", "PREDICTIVE", "FLAG_ZBITS"]
 
@@ -104,9 +105,10 @@ class FalCom(Codec):
         if self.verify:
             scratch = Ctx(ctx.name, ctx.shape, shared_state={ctx.path: before}, path=ctx.path)
             dec = to_numpy(self.decode(Encoded(dict(c.parts), c.flags), scratch)).reshape(-1)
+            verify_bound(ctx.name, a, dec, c.eb, bool(c.flags & FLAG_RAW))
             if not np.array_equal(dec.view(np.uint32), c.recon.view(np.uint32)):
-                raise AssertionError(f"tensor {ctx.name!r}: FalCom's decoder disagrees with its encoder")
-            verify_bound(ctx.name, a, dec, c.eb, c.flags & FLAG_RAW)
+                raise StateMismatchError(f"tensor {ctx.name!r}: the root would decode another tensor than "
+                                         "the client's reconstruction (shared state would drift)")
         if ctx.want_recon:
             enc.recon = from_numpy(c.recon, ctx.shape, x.device)
         return enc
@@ -143,7 +145,7 @@ class FalCom(Codec):
         new_mem = None
         if path == RAW:
             check_parts(enc, {"values"})
-            xhat = need_part(enc, "values", np.float32, n).copy()
+            xhat = need_part(enc, "values", np.float32, n)
         elif n == 0:
             raise PartError("stream", "an empty tensor is always sent raw")
         elif path == DIRECT:
@@ -180,11 +182,15 @@ class FalCom(Codec):
 
 def _history(st: dict, n: int) -> tuple[np.ndarray | None, np.ndarray]:
     """The slot's last reconstruction (None before its first message) and EMA memory (zeros at first)."""
-    prev = st.get("prev")
-    prev = None if prev is None else np.asarray(prev, dtype=np.float32).reshape(-1)
-    mem = st.get("mem")
-    mem = np.zeros(n, np.float32) if mem is None else np.asarray(mem, dtype=np.float32).reshape(-1)
+    prev, mem = _flat32(st.get("prev")), _flat32(st.get("mem"))
+    mem = np.zeros(n, np.float32) if mem is None else mem
     if (prev is not None and prev.size != n) or mem.size != n:
         raise PartError("state", f"history of {prev.size if prev is not None else 0} elements for a "
                                  f"{n}-element slot")
     return prev, mem
+
+
+def _flat32(v: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    return None if v is None else np.asarray(v, dtype=np.float32).reshape(-1)
