@@ -72,7 +72,7 @@ def format_recycling(s: dict[str, Any], every: int = 10) -> str:
              f"{'cum floats/client':>17s} {'root state MB':>13s}"]
     for row in s["per_round"]:
         r = row["round"]
-        if r % every and r != s["rounds"] - 1:
+        if (r + 1) % every and r != s["rounds"] - 1:
             continue
         lines.append(f"{r:5d} {f(row['accuracy'], '8.4f')} {f(row['recycled_fraction'], '8.3f')} "
                      f"{row['floats_per_client']:13.0f} {row['cum_floats_per_client']:17.4g} "
@@ -82,3 +82,43 @@ def format_recycling(s: dict[str, Any], every: int = 10) -> str:
                  f"uncompressed (saved {f(s['floats_saved'], '.1%')}); mean recycled fraction "
                  f"{f(s['mean_recycled_fraction'], '.3f')}; root state up to {s['root_state_bytes_max'] / 1e6:.2f} MB")
     return "\n".join(lines)
+
+
+def format_recycling_table(summaries: list[dict[str, Any]], labels: list[str]) -> str:
+    """One line per run: accuracy, floats per client, saving, recycled fraction, root state."""
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    w = max([len(x) for x in labels] + [3])
+    lines = [f"{'run':{w}s} {'final acc':>9s} {'best acc':>8s} {'floats/client':>13s} {'saved':>6s} "
+             f"{'recycled':>8s} {'root MB':>8s}"]
+    for lab, s in zip(labels, summaries):
+        lines.append(f"{lab:{w}s} {f(s['final_accuracy'], '9.4f')} {f(s['best_accuracy'], '8.4f')} "
+                     f"{s['cum_floats_per_client']:13.4g} {f(s['floats_saved'], '6.1%')} "
+                     f"{f(s['mean_recycled_fraction'], '8.3f')} {s['root_state_bytes_max'] / 1e6:8.2f}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_floats(summaries: list[dict[str, Any]], labels: list[str], out: str | Path,
+                            title: str = "") -> Path:
+    """Test accuracy against cumulative floats uploaded per client (log x): the paper's plot."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=90, layout="constrained")
+    ax = fig.add_subplot()
+    styles = ("-", "--", "-.", ":")
+    for i, (lab, s) in enumerate(zip(labels, summaries)):
+        pts = [(r["cum_floats_per_client"], r["accuracy"]) for r in s["per_round"] if r["accuracy"] is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, linestyle=styles[i % len(styles)], linewidth=1.4, label=lab)
+    ax.set_xscale("log")
+    ax.set_xlabel("floats uploaded per client, cumulative (#params shared)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    out = Path(out)
+    fig.savefig(out, format="png")
+    return out

@@ -106,18 +106,39 @@ def _gradient_space_args(p: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------- recycling
 
 def _recycling(args: argparse.Namespace) -> int:
-    from hpcfl.analysis.recycling import format_recycling, recycling_summary
+    from pathlib import Path
 
-    res = recycling_summary(args.run)
-    if args.json and not args.rounds:
-        res = {k: v for k, v in res.items() if k != "per_round"}
-    return _emit(args, res, lambda d: format_recycling(d, every=max(1, args.every)))
+    from hpcfl.analysis.recycling import (format_recycling, format_recycling_table, plot_accuracy_vs_floats,
+                                          recycling_summary)
+
+    labels = args.labels.split(",") if args.labels else [Path(p).stem for p in args.runs]
+    if len(labels) != len(args.runs):
+        raise UsageError(f"--labels names {len(labels)} runs, but {len(args.runs)} were given")
+    summaries = [recycling_summary(p) for p in args.runs]
+    if args.plot:
+        print(f"wrote {plot_accuracy_vs_floats(summaries, labels, args.plot, args.title)}", file=sys.stderr)
+    if args.json:
+        for s in summaries:
+            if not args.rounds:
+                s.pop("per_round")
+            json.dump(s, sys.stdout, allow_nan=False)
+            sys.stdout.write("\n")
+        return 0
+    if len(summaries) == 1:
+        print(format_recycling(summaries[0], every=max(1, args.every)))
+    else:
+        print(format_recycling_table(summaries, labels))
+    return 0
 
 
 @analysis("recycling", "per-round recycled fraction (lbgm), cumulative floats per client and root state: "
           "LBGM's accuracy vs #params-shared axes", _recycling)
 def _recycling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN.h5", help="run file")
+    p.add_argument("runs", nargs="+", metavar="RUN.h5", help="run files (one: per-round table; several: "
+                   "one line each)")
     p.add_argument("--every", type=int, default=10, help="print every k-th round (default 10)")
-    p.add_argument("--json", action="store_true", help="one JSON object (summary only unless --rounds)")
+    p.add_argument("--labels", help="comma-separated run labels (default: file names)")
+    p.add_argument("--plot", metavar="PNG", help="write accuracy vs cumulative floats per client to PNG")
+    p.add_argument("--title", default="", help="title of the --plot figure")
+    p.add_argument("--json", action="store_true", help="one JSON object per run (summary only unless --rounds)")
     p.add_argument("--rounds", action="store_true", help="with --json: include the per-round rows")

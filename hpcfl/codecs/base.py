@@ -254,6 +254,15 @@ class Codec(ABC):
     def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
         """Rebuild a float32 tensor of shape ``ctx.shape`` from ``enc``."""
 
+    def decode_sum(self, encs: list[Encoded], weights: list[float], ctxs: list[Ctx]) -> torch.Tensor:
+        """``sum_k w_k decode(enc_k, ctx_k)`` over clients, for one slot (fused aggregation,
+        ``server.aggregate = "fused"``). Codecs whose decoders share work across clients (a
+        common basis, a common lift) override it to do that work once."""
+        out = torch.zeros(ctxs[0].shape, dtype=torch.float32)
+        for enc, w, ctx in zip(encs, weights, ctxs):
+            out.add_(self.decode(enc, ctx).float(), alpha=float(w))
+        return out
+
     def downlink_bytes(self, n_params: int, round: int, last_round: int) -> int | None:
         """Bytes a client needs to rebuild the global model under this method's download
         protocol, or None for the default (the full float32 model, 4 x n_params).

@@ -94,3 +94,6 @@ class ErrorFeedback(Codec):
 
     def decode(self, enc: Encoded, ctx: Ctx) -> torch.Tensor:
         return self.inner.decode(enc, ctx.child("inner"))
+
+    def decode_sum(self, encs, weights, ctxs):
+        return self.inner.decode_sum(encs, weights, [c.child("inner") for c in ctxs])

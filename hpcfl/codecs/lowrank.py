@@ -70,6 +70,8 @@ class LowRankCodec(Codec):
         if enc.flags != 0:
             raise PartError("flags", f"unknown flags {enc.flags:#x}")
         n, m = matrix_shape(ctx.shape)
+        if n * m == 0:  # the encoder always sends an empty tensor dense (and p.size % n would divide by 0)
+            raise PartError("flags", f"factors for the empty tensor of shape {ctx.shape}; only flags = 1 is valid")
         lo, hi = self.max_factor_rank(n, m)
         p = need_part(enc, "p", np.float32, min_size=n * lo, max_size=n * hi)
         if p.size % n:

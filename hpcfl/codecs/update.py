@@ -202,19 +202,13 @@ class UpdateCodec:
         return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon, stats)
 
     # ------------------------------------------------------------- decoding
-    def decode(self, buf, *, client: int | None, round: int | None, state: CodecState,
-               verify_hash: bool = True, glob: Mapping | None = None) -> DecodeResult:
-        """Validate and decode one client's message with that client's root-side state.
-
-        ``verify_hash=False`` only for inspecting a message whose tensor names are
-        unknown (the hash covers them); shapes are still checked against the table.
-        """
+    def _records(self, buf, client, round, state, verify_hash, glob):
+        """Unpack and validate one message; yield (slot, codec, Encoded, ctx, offset) per tensor."""
         msg = unpack(buf, expect_hash=self.hash if verify_hash else None, expect_round=round,
                      expect_sender=client, table=self.table)
         if len(msg.tensors) != len(self.slots):
             raise WireFormatError("n_tensors", 36, f"{len(msg.tensors)} tensors, expected {len(self.slots)}")
-        out: dict[str, torch.Tensor] = {}
-        flags: dict[str, int] = {}
+        items = []
         for rec in msg.tensors:
             slot = self.slots[rec.index]
             codec = self.codec_for(slot)
@@ -230,23 +224,78 @@ class UpdateCodec:
                     from hpcfl.codecs.wire import _NP_OF
 
                     coding[names[p.key]] = (p.coding, _NP_OF[p.dtype])
-            enc = Encoded(parts, rec.flags, coding=coding)
             ctx = self._ctx(slot, state, msg.sender, msg.round, False, None, enc_state=False, glob=glob)
             first = rec.parts[0].offset if rec.parts else -1
-            try:
-                x = codec.decode(enc, ctx)
-            except WireFormatError as e:
-                raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id}) {e.field}", first,
-                                      str(e).split("): ", 1)[-1]) from None
-            except (ValueError, IndexError, RuntimeError, TypeError, KeyError) as e:
-                raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id})", first,
-                                      f"{type(e).__name__}: {e}") from None
+            items.append((slot, codec, Encoded(parts, rec.flags, coding=coding), ctx, first))
+        return msg, items
+
+    @staticmethod
+    def _guard(slot, codec, first, fn):
+        try:
+            return fn()
+        except WireFormatError as e:
+            raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id}) {e.field}", first,
+                                  str(e).split("): ", 1)[-1]) from None
+        except (ValueError, IndexError, RuntimeError, TypeError, KeyError, ArithmeticError) as e:
+            raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id})", first,
+                                  f"{type(e).__name__}: {e}") from None
+        except MemoryError as e:  # e.g. a shape taken from the message itself (hpcfl codec decode)
+            raise WireFormatError(f"tensor {slot.name!r} ({codec.codec_id})", first,
+                                  f"the decoded tensor of shape {slot.shape} cannot be allocated "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def decode_sum(self, messages: Mapping[int, object], weights: Mapping[int, float], *, round: int,
+                   states: Mapping[int, CodecState], glob: Mapping | None = None
+                   ) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Fused aggregation: ``sum_c w_c decode(message_c)`` per slot through ``Codec.decode_sum``.
+
+        Every message is validated exactly as :meth:`decode` does; shared codec state is
+        updated per client in client order. Returns (aggregate by parameter name,
+        payload bytes, header bytes).
+        """
+        per_slot: dict[int, tuple[list, list, list]] = {s.index: ([], [], []) for s in self.slots}
+        payload = header = 0
+        for c in sorted(messages):
+            msg, items = self._records(messages[c], c, round, states[c], True, glob)
+            payload += msg.payload_bytes
+            header += msg.header_bytes
+            for slot, codec, enc, ctx, first in items:
+                encs, ws, ctxs = per_slot[slot.index]
+                encs.append((enc, first))
+                ws.append(float(weights[c]))
+                ctxs.append(ctx)
+                states[c].for_tensor(slot.name).last_round = round
+        out: dict[str, torch.Tensor] = {}
+        for slot in self.slots:
+            encs, ws, ctxs = per_slot[slot.index]
+            if not encs:
+                continue
+            codec = self.codec_for(slot)
+            first = encs[0][1]
+            x = self._guard(slot, codec, first, lambda: codec.decode_sum([e for e, _ in encs], ws, ctxs))
+            if tuple(x.shape) != slot.shape:
+                raise WireFormatError(f"tensor {slot.name!r}", first, f"decoded shape {tuple(x.shape)} != "
+                                      f"{slot.shape}")
+            self.scatter_slot(slot, x.float(), out)
+        return out, payload, header
+    def decode(self, buf, *, client: int | None, round: int | None, state: CodecState,
+               verify_hash: bool = True, glob: Mapping | None = None) -> DecodeResult:
+        """Validate and decode one client's message with that client's root-side state.
+
+        ``verify_hash=False`` only for inspecting a message whose tensor names are
+        unknown (the hash covers them); shapes are still checked against the table.
+        """
+        msg, items = self._records(buf, client, round, state, verify_hash, glob)
+        out: dict[str, torch.Tensor] = {}
+        flags: dict[str, int] = {}
+        for slot, codec, enc, ctx, first in items:
+            x = self._guard(slot, codec, first, lambda: codec.decode(enc, ctx))
             if tuple(x.shape) != slot.shape:
                 raise WireFormatError(f"tensor {slot.name!r}", first, f"decoded shape {tuple(x.shape)} "
                                       f"!= {slot.shape}")
             state.for_tensor(slot.name).last_round = msg.round
             self.scatter_slot(slot, x.float(), out)
-            flags[slot.name] = rec.flags
+            flags[slot.name] = enc.flags
         return DecodeResult(out, msg.payload_bytes, msg.header_bytes, flags)
 
 

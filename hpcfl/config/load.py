@@ -172,13 +172,21 @@ def _type_ok(f: Field, v: Any) -> bool:
     return isinstance(v, f.type)
 
 
+_INT64 = 2**63
+
+
 def _check_field(key: str, f: Field, v: Any) -> Any:
     if not _type_ok(f, v):
         raise ConfigError(key, f"expected {f.describe_allowed()}, got {type(v).__name__} {v!r}")
     if f.type is float:
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an integer beyond float range (e.g. from --set)
+            v = float("inf") if v > 0 else float("-inf")
         if v != v or v in (float("inf"), float("-inf")):
-            raise ConfigError(key, f"expected a finite number, got {v!r}")
+            raise ConfigError(key, f"expected a finite number ({f.describe_allowed()}), got {v!r}")
+    if f.type is int and not -_INT64 <= v < _INT64:  # seeds, counts and sizes are 64-bit downstream
+        raise ConfigError(key, f"expected {f.describe_allowed()} that fits in 64 bits, got {v!r}")
     if f.choices is not None and v not in f.choices:
         raise ConfigError(key, f"expected {f.describe_allowed()}, got {v!r}")
     if f.min is not None and (v <= f.min if f.min_open else v < f.min):
@@ -240,12 +248,21 @@ def _cross_checks(d: dict) -> None:
                           f"({data['n_clients']})")
     if train["full_batch"] and train["algorithm"] != "fedsgd":
         raise ConfigError("train.full_batch", "only applies to train.algorithm = 'fedsgd'")
+    if d["server"]["aggregate"] == "fused" and run["nonfinite"] == "drop":
+        raise ConfigError("run.nonfinite", "'drop' needs each client's update on its own; with "
+                          "server.aggregate = 'fused' use 'stop'")
     if data["partition"] == "natural" and data["dataset"] != "synthetic":
         raise ConfigError("data.partition", "'natural' applies only to dataset = 'synthetic' "
                           "(its devices are the clients)")
     for key in ("dense_patterns", "lossy_patterns"):
         if any(not p for p in d["routing"][key]):
             raise ConfigError(f"routing.{key}", "empty pattern")
+    template = d["log"]["path"]
+    try:
+        template.format(name="n", time="t", job_id="j")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ConfigError("log.path", f"bad placeholder in {template!r} ({type(e).__name__}: {e}); "
+                          "allowed: {name}, {time}, {job_id}") from None
 
 
 def load_job(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Job:

@@ -110,6 +110,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lr": Field(float, 1.0, "Server learning rate (1.0 with fedavg is plain FedAvg).", min=0.0, min_open=True),
         "momentum": Field(float, 0.0, "Server heavy-ball momentum.", min=0.0, max=1.0, max_open=True),
         "weighting": Field(str, "samples", "Client weights in the mean.", choices=("samples", "equal")),
+        "aggregate": Field(str, "per_client", "per_client: decode each message, then sum; fused: one weighted "
+                           "sum per tensor through the codec (e.g. altspace inverts its shared map once per layer).",
+                           choices=("per_client", "fused")),
     },
     "routing": {
         "scope": Field(str, "tensor", "tensor: codec per tensor; model: lossy tensors flattened into one.",

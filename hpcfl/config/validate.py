@@ -2,7 +2,12 @@
 
 Beyond the schema (load.py) this builds the codec configs (unknown ids and
 parameters), checks that the data set's files exist, builds the model for the
-data set's input shape, and plans the routing against its parameter table.
+data set's input shape (on torch's meta device: shapes only, so an absurd model
+is refused by size instead of failing in the allocator), and plans the routing
+against its parameter table. It refuses a model whose copies alone cannot fit
+in memory, estimates the codec state, and makes sure the training samples can
+be split among the clients (the real split for digits; fixed sizes for the
+on-disk sets).
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def validate_job(job: Job, check_files: bool = True, check_memory: bool = True) 
         from hpcfl.fl.link import load_trace
 
         load_trace(job.link.trace)
-    model = build_model(job.model.to_dict(), shape, classes, job.run.seed)
-    params = param_table(model)
+    params = _param_table(job, shape, classes, build_model, param_table)
+    if check_memory:
+        _check_model_size(job, params)
     uc = UpdateCodec(job.codec, job.routing.to_dict(), params, seed=job.run.seed,
                      checksum=job.run.wire_checksum)
     n_params = sum(s.numel for s in uc.slots)
@@ -62,4 +68,99 @@ def validate_job(job: Job, check_files: bool = True, check_memory: bool = True) 
 
         mem = estimate_memory(job, uc, n_params)
         _check(mem, job.run.memory_limit_gb, available_bytes())
+    if check_files:
+        _check_partition(job, classes)
     return Validated(job, n_params, uc.slots, uc.config, mem)
+
+
+# Training samples of the on-disk data sets (their fixed train splits).
+N_TRAIN = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
+
+
+def _model_key(job: Job) -> str:
+    """The key that sets a model's size."""
+    name = job.model.name
+    if name == "mlp":
+        return "model.hidden"
+    if name == "resnet":
+        return "model.resnet_width"
+    return "data.synthetic_dim" if job.data.dataset == "synthetic" else "model.name"
+
+
+def _param_table(job: Job, shape, classes, build_model, param_table) -> list:
+    """The model's ``(name, shape)`` table, built on torch's meta device: shapes only, nothing is
+    allocated, so an absurd size is refused below instead of failing in the allocator."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return param_table(build_model(job.model.to_dict(), shape, classes, job.run.seed))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise ConfigError(_model_key(job), f"cannot build model {job.model.name!r} for samples of shape "
+                          f"{tuple(shape)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _check_model_size(job: Job, params: list) -> None:
+    """Refuse a model whose copies alone (4 on a worker, 5 on the root, float32) cannot fit, before
+    the codec memory estimate allocates an update of its size."""
+    import math
+
+    from hpcfl.config.memory import BASELINE_RANK_BYTES
+    from hpcfl.run.memory import available_bytes
+
+    n = sum(math.prod(s) for _, s in params)
+    model = 4 * n
+    root, worker = BASELINE_RANK_BYTES + 5 * model, BASELINE_RANK_BYTES + 4 * model
+    limit_gb = job.run.memory_limit_gb
+    if limit_gb > 0:
+        if max(root, worker) > limit_gb * 2**30:
+            raise ConfigError(_model_key(job), f"the model has {n:,} parameters ({model / 2**30:.2f} GiB); its "
+                              f"copies alone need {max(root, worker) / 2**30:.2f} GiB per rank, more than "
+                              f"run.memory_limit_gb = {limit_gb}")
+        return
+    avail = available_bytes() or _physical_bytes()
+    total = root + (job.run.ranks - 1) * worker
+    if avail and job.run.ranks * BASELINE_RANK_BYTES > avail:
+        raise ConfigError("run.ranks", f"{job.run.ranks} ranks need at least {BASELINE_RANK_BYTES / 2**20:.0f} MiB "
+                          f"each ({job.run.ranks * BASELINE_RANK_BYTES / 2**30:.2f} GiB), but only "
+                          f"{avail / 2**30:.2f} GiB are available here")
+    if avail and total > avail:
+        raise ConfigError(_model_key(job), f"the model has {n:,} parameters ({model / 2**30:.2f} GiB); its "
+                          f"copies alone need {total / 2**30:.2f} GiB over {job.run.ranks} ranks, but only "
+                          f"{avail / 2**30:.2f} GiB are available here")
+
+
+def _physical_bytes() -> int:
+    """Installed memory, where MemAvailable is unknown (0 if that is unknown too)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_partition(job: Job, classes: int) -> None:
+    """Refuse a split of the training samples that every rank would fail to make: more clients
+    than samples, shards that leave a class unowned, ... (ConfigError naming the key)."""
+    d = job.data
+    if d.dataset in N_TRAIN:  # on disk: sizes are fixed (every class present), the files are not read here
+        if d.n_clients > N_TRAIN[d.dataset]:
+            raise ConfigError("data.n_clients", f"{d.n_clients} clients but {d.dataset} has only "
+                              f"{N_TRAIN[d.dataset]} training samples; every client needs at least one")
+        if d.partition == "shards" and d.n_clients * d.classes_per_client < classes:
+            raise ConfigError("data.classes_per_client", f"{d.n_clients} clients x {d.classes_per_client} "
+                              f"classes cover only {d.n_clients * d.classes_per_client} of {classes} classes; "
+                              "raise it or data.n_clients")
+        return
+    if d.dataset == "synthetic" and d.partition != "shards":
+        return  # one device per client, each with training samples: iid, dirichlet and natural always fit
+    from hpcfl.data import client_indices, load_dataset
+
+    try:  # digits (small) and synthetic shards: make the real split, as every rank will
+        client_indices(load_dataset(d.to_dict(), job.run.seed), d.to_dict(), job.run.seed)
+    except MemoryError:
+        raise ConfigError("data.synthetic_dim" if d.dataset == "synthetic" else "data.dataset",
+                          "the data set does not fit in memory") from None

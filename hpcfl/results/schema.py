@@ -49,7 +49,8 @@ ROUND_METRICS: tuple[Metric, ...] = (
            "arrived, i.e. waiting for the slowest worker's training and encoding."),
     Metric("gather_s", "f8", "s", "Root: the Gatherv of all encoded messages (the uplink transfer)."),
     Metric("records_s", "f8", "s", "Root: unpacking the gathered chunks into messages and metric records."),
-    Metric("decode_s", "f8", "s", "Root: sum over clients of message validation + decoding."),
+    Metric("decode_s", "f8", "s", "Root: sum over clients of message validation + decoding (server.aggregate = "
+           "fused: the fused decode-and-sum of all messages)."),
     Metric("aggregate_s", "f8", "s", "Root: weighted accumulation of decoded updates plus the server step."),
     Metric("eval_s", "f8", "s", "Root: test-set evaluation (0 on rounds that skip it)."),
     Metric("round_s", "f8", "s", "Root: start of the broadcast to end of evaluation."),
@@ -77,7 +78,8 @@ CLIENT_METRICS: tuple[Metric, ...] = (
     Metric("participated", "u1", "1", "1 if the client was sampled this round.", 0),
     Metric("train_s", "f8", "s", "Local training (load model, tau steps or one gradient, form the update)."),
     Metric("encode_s", "f8", "s", "Encoding the update into one wire message (codecs + packing)."),
-    Metric("decode_s", "f8", "s", "Root: validating and decoding this client's message."),
+    Metric("decode_s", "f8", "s", "Root: validating and decoding this client's message (NaN with fused "
+           "aggregation, which decodes all clients together)."),
     Metric("train_loss", "f8", "1", "Mean local minibatch loss."),
     Metric("raw_bytes", "i8", "B", "Uncompressed float32 update size (4 x params).", 0),
     Metric("payload_bytes", "i8", "B", "Message payload bytes (the codecs' parts).", 0),

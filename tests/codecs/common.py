@@ -285,7 +285,11 @@ def codec_cases(strict: bool = True) -> list[Case]:
 
 def update_codec(codec_cfg: Mapping | Codec, inp: Input, *, seed: int = 0, checksum: bool = False) -> UpdateCodec:
     cfg = codec_cfg if isinstance(codec_cfg, Codec) else copy.deepcopy(dict(codec_cfg))
-    return UpdateCodec(cfg, copy.deepcopy(dict(inp.routing)), inp.params, seed=seed, checksum=checksum)
+    routing = copy.deepcopy(dict(inp.routing))
+    need = (cfg if isinstance(cfg, Codec) else get_codec(copy.deepcopy(cfg))).required_scope
+    if need is not None:  # e.g. igc codes the whole model as one slot: run every input that way
+        routing["scope"] = need
+    return UpdateCodec(cfg, routing, inp.params, seed=seed, checksum=checksum)
 
 
 def root_codec(client: UpdateCodec) -> UpdateCodec:

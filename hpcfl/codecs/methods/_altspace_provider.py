@@ -21,9 +21,10 @@ from hpcfl.codecs.base import Ctx, Encoded, PartError, need_part, to_numpy
 from hpcfl.codecs.methods._altspace_basis import LayerBasis, basis_from_vectors, eff_rank, moment_vectors, svd_vectors
 from hpcfl.codecs.sparsify import count_for
 
-__all__ = ["BasisProvider", "FLAG_MAPPED", "FLAG_BASES", "FLAG_DENSE"]
+__all__ = ["BasisProvider", "FLAG_MAPPED", "FLAG_BASES", "FLAG_DENSE", "CHECK_SHIFT", "CHECK_MASK", "wire_cost"]
 
 FLAG_MAPPED, FLAG_BASES, FLAG_DENSE = 1, 2, 4
+CHECK_SHIFT, CHECK_MASK = 3, 0x1FFF  # verify = "flags": 13 bits of the bases' CRC32 in tensor flags bits 3-15
 
 _CACHE = 32  # layer bases kept per codec instance (the root decodes many clients per round)
 
@@ -33,6 +34,12 @@ def _index_bytes(k: int, n: int, mode: str) -> int:
     if mode == "bitmap" or (mode == "auto" and bm < 4 * k):
         return bm
     return 4 * k
+
+
+def wire_cost(nbytes: int) -> int:
+    """What one part adds to a message: its 11-byte record in the header and its 8-padded payload
+    (docs/wire.md; the header's own padding to 8 bytes is per message, not per part)."""
+    return 11 + (nbytes + 7) // 8 * 8
 
 
 def _key(*arrays: np.ndarray | torch.Tensor) -> bytes:
@@ -54,7 +61,7 @@ class BasisProvider:
     index: str
     ratio: float
     k: int
-    verify: bool
+    verify: str
     _cache: OrderedDict
 
     @staticmethod
@@ -119,15 +126,24 @@ class BasisProvider:
             return b, s, None
         return None, 0.0, None
 
-    def _count(self, numel: int, extra: int) -> int:
+    def _count(self, numel: int, extra: tuple[int, ...]) -> int:
+        """Entries to keep; ``extra`` = payload sizes of the parts beyond values + index (bases, CRC).
+
+        ``budget = "bytes"``: the largest k' whose parts cost no more wire bytes (records and
+        padding included, :func:`wire_cost`) than topk's two parts at the same ratio -- at least
+        one entry, so bases larger than the whole budget overshoot it.
+        """
         k = count_for(numel, self.ratio, self.k)
-        if self.budget == "entries" or extra == 0:
+        if self.budget == "entries" or not extra:
             return k
-        budget = 4 * k + _index_bytes(k, numel, self.index) - extra
-        lo, hi = 1, k  # largest k' whose message fits (at least one entry: bases alone may not fit)
+
+        def cost(kk: int) -> int:
+            return wire_cost(4 * kk) + wire_cost(_index_bytes(kk, numel, self.index))
+        budget = cost(k) - sum(wire_cost(b) for b in extra)
+        lo, hi = 1, k
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if 4 * mid + _index_bytes(mid, numel, self.index) <= budget:
+            if cost(mid) <= budget:
                 lo = mid
             else:
                 hi = mid - 1
@@ -148,12 +164,13 @@ class BasisProvider:
                 sh["crc"] = int(basis.crc)  # lockstep marker: digests compare the bases client and root used
         return commit
 
-    def _received_basis(self, enc: Encoded, ctx: Ctx, m: int, n: int) -> tuple[LayerBasis, tuple | None, int]:
+    def _received_basis(self, enc: Encoded, ctx: Ctx, m: int, n: int
+                        ) -> tuple[LayerBasis, tuple | None, tuple[int, ...]]:
         if not enc.flags & FLAG_BASES:
             if "u" not in ctx.shared:
                 raise PartError("flags", "a mapped message without bases, and no earlier bases from this client")
             b, _ = self._factor_basis(to_numpy(ctx.shared["u"]), to_numpy(ctx.shared["v"]), m, n)
-            return b, None, 0
+            return b, None, ()
         r = eff_rank(self.rank, m, n)
         got = []
         for name, dim in (("basis_u", m), ("basis_v", n)):
@@ -162,5 +179,5 @@ class BasisProvider:
                 raise PartError(name, f"{a.size} elements are not whole finite columns of {dim}")
             got.append(a)
         b, _ = self._factor_basis(got[0], got[1], m, n)
-        return b, (got[0], got[1]), 4 * (got[0].size + got[1].size)
+        return b, (got[0], got[1]), (got[0].nbytes, got[1].nbytes)
 

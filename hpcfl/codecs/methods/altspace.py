@@ -12,8 +12,9 @@ hence param ``basis``:
 
 * ``shared`` (Protocol A, default): singular vectors of this layer's last global server step
   (``ctx.glob["delta"]``), known to client and root: nothing extra on the wire. Round 0 has no
-  step: plain top-k. With ``verify`` a CRC32 of the bases (4 B) lets the root catch bases that
-  differ (e.g. LAPACK rounding on another CPU) instead of silently decoding garbage.
+  step: plain top-k. ``verify`` lets the root catch bases that differ from the client's (e.g.
+  LAPACK rounding on another CPU) instead of silently decoding garbage: 13 bits of the bases'
+  CRC32 in tensor flag bits 3-15 (``flags``, 0 B) or the whole CRC32 as part ``crc`` (4 B).
 * ``weights`` (Protocol A2, ablation): singular vectors of the layer's global weights.
 * ``client`` (Protocol B, ablation): eigenvectors of the client's own output-gradient and
   input-activation second moments (``ctx.side`` from the ``activations`` capture), truncated to
@@ -22,10 +23,12 @@ hence param ``basis``:
 
 ``refresh = P`` keeps a basis P rounds (shared/weights: the reference is stored per client on
 both sides; client: the root keeps the last bases it received). ``budget = "bytes"`` lowers k so
-a message is never larger than ``topk``'s at the same ratio (bases and CRC included), for
-comparisons at equal uplink bytes. Error feedback belongs outside, in the original space
-(recipe ``altspace_ef``). Tensors that are not matrices (``vectors``) go dense (flag 4) or
-through plain top-k. Payload: ``4k + index bytes`` (+4 CRC | +4 r_u m + 4 r_v n bases); dense: 4n.
+a slot costs no more wire bytes than ``topk``'s at the same ratio (bases, CRC, their part
+records and padding included), for comparisons at equal uplink bytes. Error feedback belongs
+outside, in the original space (recipe ``altspace_ef``). Tensors that are not matrices
+(``vectors``) go dense (flag 4) or through plain top-k. Flags: 1 mapped, 2 bases in the message,
+4 dense. Payload: ``4k + index bytes`` as topk (+4 with ``verify = "crc32"``; +4 r_u m + 4 r_v n
+for client bases, r <= ``rank``); dense: 4n.
 
 Stats per slot: ``energy_topk_orig``/``energy_topk_mapped`` (share of ||X||^2 in the k largest
 entries of X / of Y: the mechanism the paper relies on), ``basis_s`` (seconds building bases in
@@ -45,7 +48,8 @@ import torch
 
 from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
 from hpcfl.codecs.methods._altspace_basis import LayerBasis, aggregate_mapped
-from hpcfl.codecs.methods._altspace_provider import FLAG_BASES, FLAG_DENSE, FLAG_MAPPED, BasisProvider
+from hpcfl.codecs.methods._altspace_provider import (CHECK_MASK, CHECK_SHIFT, FLAG_BASES, FLAG_DENSE, FLAG_MAPPED,
+                                                     BasisProvider)
 from hpcfl.codecs.registry import register_codec, register_recipe
 from hpcfl.codecs.sparsify import (INDEX_PARTS, _index_param, _k_param, _ratio_param, pack_indices, read_sparse,
                                    topk_indices)
@@ -84,7 +88,9 @@ class AltSpace(BasisProvider, Codec):
                         "message is no larger than topk's at the same ratio.", choices=("entries", "bytes")),
         "vectors": Param(str, "dense", "Tensors that are not matrices: dense float32 or plain top-k.",
                          choices=("dense", "topk")),
-        "verify": Param(bool, True, "Shared/weights bases: send a CRC32 of the bases (4 B) and check it."),
+        "verify": Param(str, "flags", "Shared/weights bases: the root checks the client's bases by 13 bits of "
+                        "their CRC32 in the tensor flags (0 B), by the whole CRC32 in a part (crc32, 4 B), or not.",
+                        choices=("flags", "crc32", "off")),
         "diagnostics": Param(bool, True, "Log the top-k energy share before the map (one extra top-k)."),
     }
 
@@ -115,15 +121,15 @@ class AltSpace(BasisProvider, Codec):
         if mn is None and self.vectors == "dense":
             return Encoded({"values": to_numpy(xf).copy()}, flags=FLAG_DENSE,
                            recon=xf.clone().reshape(ctx.shape) if ctx.want_recon else None)
-        basis, basis_s, sent, extra = None, 0.0, None, 0
+        basis, basis_s, sent, extra = None, 0.0, None, ()
         if mn is not None:
             m, n = mn
             if self.basis in ("shared", "weights"):
                 basis, basis_s = self._shared_basis(ctx, m, n)
-                extra = 4 if self.verify else 0
+                extra = (4,) if self.verify == "crc32" else ()
             elif self.basis == "client":
                 basis, basis_s, sent = self._client_basis(ctx, m, n)
-                extra = 0 if sent is None else 4 * (sent[0].size + sent[1].size)
+                extra = () if sent is None else (sent[0].nbytes, sent[1].nbytes)
         t0 = time.perf_counter()
         y = xf
         if basis is not None:
@@ -131,7 +137,7 @@ class AltSpace(BasisProvider, Codec):
             if not bool(torch.isfinite(y).all()) and bool(torch.isfinite(xf).all()):
                 basis, sent = None, None  # float32 overflow of a concentrated entry: stay in the original space
                 y = xf
-        extra = extra if basis is not None else 0
+        extra = extra if basis is not None else ()
         k = self._count(xf.numel(), extra)
         idx = topk_indices(y, k, ctx.stage_seed("topk-sample"))
         vals = y[idx]
@@ -143,8 +149,10 @@ class AltSpace(BasisProvider, Codec):
             if sent is not None:
                 flags |= FLAG_BASES
                 parts.update(basis_u=sent[0], basis_v=sent[1])
-            elif self.basis != "client" and self.verify:
+            elif self.basis != "client" and self.verify == "crc32":
                 parts["crc"] = np.array([basis.crc], np.uint32)
+            elif self.basis != "client" and self.verify == "flags":
+                flags |= (basis.crc & CHECK_MASK) << CHECK_SHIFT
         map_s = time.perf_counter() - t0
         enc = Encoded(parts, flags)
         if ctx.want_recon:
@@ -155,11 +163,12 @@ class AltSpace(BasisProvider, Codec):
         return enc
 
     def _stats(self, xf: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, k: int, mapped: bool, basis_s: float,
-               map_s: float, extra: int, ctx: Ctx) -> dict[str, float]:
+               map_s: float, extra: tuple[int, ...], ctx: Ctx) -> dict[str, float]:
         """Per-slot diagnostics: top-k energy share of the mapped (and original) entries, costs."""
         total = float(xf.double().pow(2).sum())
         share = (lambda v: float(v.double().pow(2).sum()) / total if total > 0 else math.nan)
-        st = {"energy_topk_mapped": share(y[idx]), "basis_s": basis_s, "map_s": map_s, "basis_bytes": float(extra)}
+        st = {"energy_topk_mapped": share(y[idx]), "basis_s": basis_s, "map_s": map_s,
+              "basis_bytes": float(sum(extra))}
         if self.diagnostics:
             st["energy_topk_orig"] = share(xf[topk_indices(xf, k, ctx.stage_seed("topk-orig"))]) if mapped \
                 else st["energy_topk_mapped"]
@@ -179,9 +188,9 @@ class AltSpace(BasisProvider, Codec):
 
     # ----------------------------------------------------------------- decode
     def _parse(self, enc: Encoded, ctx: Ctx) -> _Parsed:
-        f, shape = enc.flags, ctx.shape
-        if f & ~(FLAG_MAPPED | FLAG_BASES | FLAG_DENSE):
-            raise PartError("flags", f"unknown flags {f:#x}")
+        shape, check, f = ctx.shape, enc.flags >> CHECK_SHIFT, enc.flags & ((1 << CHECK_SHIFT) - 1)
+        if check and not (f == FLAG_MAPPED and self.basis in ("shared", "weights") and self.verify == "flags"):
+            raise PartError("flags", f"unknown flags {enc.flags:#x}")
         mn = self._matrix(shape)
         dense = mn is None and self.vectors == "dense"
         if bool(f & FLAG_DENSE) != dense or (dense and f != FLAG_DENSE):
@@ -190,7 +199,7 @@ class AltSpace(BasisProvider, Codec):
             self._only(enc, {"values"})
             return _Parsed(None, None, need_part(enc, "values", np.float32, math.prod(shape)))
         allowed = {"values", *INDEX_PARTS}
-        basis, sent, extra = None, None, 0
+        basis, sent, extra = None, None, ()
         if mn is not None and self.basis in ("shared", "weights"):
             basis, _ = self._shared_basis(ctx, *mn)  # also advances the stored reference (refresh > 1)
         if not f & FLAG_MAPPED:
@@ -205,12 +214,14 @@ class AltSpace(BasisProvider, Codec):
         else:
             if basis is None:
                 raise PartError("flags", "a mapped message, but the root has no shared reference for this slot")
-            if self.verify:
+            if self.verify == "crc32":
                 allowed.add("crc")
-                extra = 4
-                if int(need_part(enc, "crc", np.uint32, 1)[0]) != basis.crc:
-                    raise PartError("crc", "the client's bases differ from the root's (same reference, other "
-                                    "rounding: different CPU or thread count?)")
+                extra = (4,)
+            got = int(need_part(enc, "crc", np.uint32, 1)[0]) if self.verify == "crc32" else check
+            want = basis.crc if self.verify == "crc32" else basis.crc & CHECK_MASK
+            if self.verify != "off" and got != want:
+                raise PartError("crc", "the client's bases differ from the root's (same reference, other "
+                                "rounding: different CPU or thread count?)")
         self._only(enc, allowed)
         idx, vals = read_sparse(enc, math.prod(shape), self._count(math.prod(shape), extra))
         return _Parsed(basis, idx, vals, self._commit(ctx, basis, sent))
@@ -251,7 +262,7 @@ class AltSpace(BasisProvider, Codec):
 
 @register_recipe("altspace_ef", "altspace (top-k in an orthogonal per-layer space) with error feedback in the "
                  "original space", {"basis": "shared", "ratio": 0.01, "k": 0, "index": "auto", "rank": 0,
-                                    "refresh": 1, "budget": "entries", "vectors": "dense", "verify": True,
+                                    "refresh": 1, "budget": "entries", "vectors": "dense", "verify": "flags",
                                     "diagnostics": True})
 def _altspace_ef(p: dict) -> dict:
     return {"id": "ef", "inner": {"id": "altspace", **p}}
