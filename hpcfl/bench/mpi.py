@@ -47,6 +47,8 @@ from typing import Callable, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from hpcfl.results.schema import CALIBRATION_FIELDS
+
 __all__ = ["TESTS", "APIS", "DEFAULT_SIZES", "OSU_COUNTS", "LARGE", "MIN_ITERS", "CALIBRATION_DTYPE",
            "bench_mpi", "calibrate", "pow2_sizes", "plan_iterations", "idle_wait", "aligned_buffer"]
 
@@ -348,9 +350,8 @@ def bench_mpi(comm: MPI.Comm, tests: Sequence[str] = TESTS, apis: Sequence[str] 
 
 # ------------------------------------------------------------------ in-job calibration
 
-CALIBRATION_DTYPE = np.dtype([("test", "S8"), ("peer", "i4"), ("size", "i8"), ("iters", "i4"),
-                              ("t_min_s", "f8"), ("t_median_s", "f8"), ("t_max_s", "f8"),
-                              ("MBps_median", "f8")])
+# the run file's /calibration/table (hpcfl.results.schema documents it)
+CALIBRATION_DTYPE = np.dtype([(m.name, m.dtype) for m in CALIBRATION_FIELDS])
 CALIBRATION_SIZES = (8, 1 << 20, 16 << 20)
 CALIBRATION_GATHER_SIZE = 1 << 20
 

@@ -118,7 +118,8 @@ def job_markdown() -> str:
 
 
 def results_markdown() -> str:
-    from hpcfl.results.schema import CLIENT_METRICS, META, RANK_METRICS, ROOT_ATTRS, ROUND_METRICS
+    from hpcfl.results.schema import (CALIBRATION_ATTRS, CALIBRATION_FIELDS, CLIENT_METRICS, META, RANK_METRICS,
+                                      ROOT_ATTRS, ROUND_METRICS)
 
     out = ["### Root attributes", "", "| attribute | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in ROOT_ATTRS.items()]
@@ -129,4 +130,13 @@ def results_markdown() -> str:
                                   ("Static", "`/meta/<name>`: datasets, shape (C,) or (W,)", META)):
         out += ["", f"### {title}: {where}", "", "| field | dtype | unit | meaning |", "|---|---|---|---|"]
         out += [f"| `{m.name}` | {m.dtype} | {m.unit} | {m.doc} |" for m in metrics]
+    out += ["", "### Network calibration: `/calibration` (group; only with `run.calibrate`)", "",
+            "Measured once before round 0 by every rank (`hpcfl.bench.mpi.calibrate`, about `run.calibrate_s` "
+            "seconds). A resumed run that calibrates again adds `/calibration/resume_<k>` with the same layout. "
+            "Read it as `load_run(p).calibration`; `hpcfl report RUN.h5` prints it.", "",
+            "| attribute | unit | meaning |", "|---|---|---|"]
+    out += [f"| `{k}` | {u} | {d} |" for k, (u, d) in CALIBRATION_ATTRS.items()]
+    out += ["", "`/calibration/table`: compound dataset, one row per (peer, size) ping-pong, then the gather.", "",
+            "| field | dtype | unit | meaning |", "|---|---|---|---|"]
+    out += [f"| `{m.name}` | {m.dtype} | {m.unit} | {m.doc} |" for m in CALIBRATION_FIELDS]
     return "\n".join(out)

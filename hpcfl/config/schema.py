@@ -65,6 +65,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                   "rounds for hpcfl run --resume (0: never).", min=0),
         "memory_limit_gb": Field(float, 0.0, "Refuse a job whose estimated codec-state memory on one rank "
                                  "exceeds this (0: the machine's available memory).", min=0.0),
+        "calibrate": Field(str, "auto", "Measure the MPI path (ping-pong latency and bandwidth from rank 0 to "
+                           "up to 8 workers, a Gather) once before round 0 and store it in /calibration of the run "
+                           "file. auto: on in batch jobs (Slurm, PBS, LSF, Flux job ids in the environment), off "
+                           "otherwise.", choices=("auto", "on", "off")),
+        "calibrate_s": Field(float, 0.5, "Time budget of that measurement, seconds (it overruns by a probe "
+                             "per point at most).", min=0.05, max=1.0),
     },
     "data": {
         "dataset": Field(str, "digits", "Data set.", choices=DATASETS),

@@ -32,6 +32,7 @@ class Run:
     ranks: dict[str, np.ndarray]
     meta: dict[str, np.ndarray] = field(default_factory=dict)
     codec_stats: np.ndarray | None = None  # rows (round, client, slot, name, value)
+    calibration: dict[str, Any] | None = None  # /calibration: attrs, "table", "resumes" {k: same}; None if absent
 
     @property
     def slot_names(self) -> list[str]:
@@ -119,6 +120,14 @@ def _attr(v: Any) -> Any:
     return v
 
 
+def _calibration(g: h5py.Group) -> dict[str, Any]:
+    out = {k: _attr(v) for k, v in g.attrs.items() if k != "units_json"}
+    out["table"] = g["table"][:] if "table" in g else np.zeros(0)
+    out["resumes"] = {int(k.split("_", 1)[1]): _calibration(g[k]) for k in g
+                      if k.startswith("resume_") and isinstance(g[k], h5py.Group)}
+    return out
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """Load a run file (also one still being written, or cut short by a failure)."""
     p = Path(path)
@@ -142,7 +151,8 @@ def load_run(path: str | os.PathLike) -> Run:
         ranks = {k: tables["ranks"][k][:n] for k in tables["ranks"].dtype.names} if "ranks" in tables else {}
         meta = {k: f["meta"][k][()] for k in f["meta"]} if "meta" in f else {}
         stats = f["codec_stats"][:] if "codec_stats" in f else None
-    return Run(p, attrs, rounds, clients, ranks, meta, stats)
+        cal = _calibration(f["calibration"]) if "calibration" in f else None
+    return Run(p, attrs, rounds, clients, ranks, meta, stats, cal)
 
 
 def load_updates(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

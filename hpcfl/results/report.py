@@ -9,7 +9,7 @@ import numpy as np
 
 from hpcfl.results.reader import Run
 
-__all__ = ["summarize", "format_summary", "PHASES"]
+__all__ = ["summarize", "format_summary", "format_calibration", "PHASES"]
 
 PHASES = ("bcast_s", "wait_s", "gather_s", "records_s", "decode_s", "aggregate_s", "eval_s", "overhead_s")
 
@@ -45,6 +45,8 @@ def summarize(run: Run) -> dict[str, Any]:
     total = float(np.sum(r["round_s"])) if r.size else 0.0
     s["phases_s"] = {p: float(np.sum(r[p])) for p in PHASES if r.size}
     s["phases_share"] = {p: (v / total if total else math.nan) for p, v in s["phases_s"].items()}
+    s["calibration"] = ({k: v for k, v in run.calibration.items() if k not in ("table", "resumes")}
+                        if run.calibration is not None else None)
     if run.clients:
         part = run.clients["participated"].astype(bool)
         for k in ("train_s", "encode_s", "decode_s"):
@@ -61,6 +63,19 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
+def _mbps(bps: Any) -> str:
+    return f"{bps / 1e6:,.0f} MB/s" if isinstance(bps, (int, float)) and math.isfinite(bps) else "-"
+
+
+def format_calibration(cal: dict[str, Any]) -> str:
+    """One line: the network the run measured before round 0 (/calibration)."""
+    lat = cal.get("latency_s", math.nan)
+    lat_s = f"{lat * 1e6:.2f} us" if isinstance(lat, (int, float)) and math.isfinite(lat) else "-"
+    return (f"  network before round 0 ({cal.get('elapsed_s', math.nan):.2f} s, {cal.get('peers', 0)} peers): "
+            f"latency {lat_s}  ping-pong 1 MiB {_mbps(cal.get('bw_1MiB_Bps'))}, "
+            f"16 MiB {_mbps(cal.get('bw_16MiB_Bps'))}  Gather 1 MiB/rank {_mbps(cal.get('gather_Bps'))}")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{s['path']}  [{s['status']}]",
@@ -74,6 +89,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     ph = "  ".join(f"{p[:-2]} {s['phases_share'][p] * 100:.1f}%" for p in PHASES if p in s["phases_share"])
     lines.append("    " + ph)
+    cal = s.get("calibration")
+    if cal:
+        lines.append(format_calibration(cal))
     if "client_train_s_mean" in s:
         lines.append(f"  per client: train {s['client_train_s_mean'] * 1e3:.2f} ms  "
                      f"encode {s['client_encode_s_mean'] * 1e3:.3f} ms  "

@@ -12,6 +12,8 @@ Layout::
     /meta/<name>   static per-client / per-rank facts
     /codec_stats   long table: (round, client, slot, name, value) per codec-reported statistic
     /updates/      optional raw updates (log.save_updates) for gradient-space analysis
+    /calibration   optional network calibration before round 0 (run.calibrate): attrs
+                   CALIBRATION_ATTRS, dataset ``table`` with CALIBRATION_FIELDS
 
 Each table carries ``units_json`` and ``doc_json`` attributes (field -> unit / meaning).
 Read one field with ``f["clients"].fields("train_s")[:]`` or load everything
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 1
 
 __all__ = ["Metric", "ROUND_METRICS", "CLIENT_METRICS", "RANK_METRICS", "META", "ROOT_ATTRS", "SCHEMA_VERSION",
-           "CODEC_STAT_FIELDS", "UPDATE_FIELDS"]
+           "CODEC_STAT_FIELDS", "UPDATE_FIELDS", "CALIBRATION_FIELDS", "CALIBRATION_ATTRS"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,35 @@ UPDATE_FIELDS: tuple[Metric, ...] = (
     Metric("vectors", "f4", "1", "The flattened uncompressed update (model order), restricted to /updates/dims."),
     Metric("dims", "i8", "1", "Coordinates kept (all, or a seeded subset of log.save_update_dims)."),
 )
+
+# /calibration (run.calibrate): hpcfl.bench.mpi.calibrate() once before round 0, all ranks taking part.
+# A resumed run that calibrates again adds a subgroup /calibration/resume_<k> (k = rounds done) of the same layout.
+CALIBRATION_FIELDS: tuple[Metric, ...] = (
+    Metric("test", "S8", "", "pingpong (rank 0 <-> peer, buffer Send/Recv) or gather (Gather of every rank to 0)."),
+    Metric("peer", "i4", "1", "The worker rank of a ping-pong row; -1 for the gather."),
+    Metric("size", "i8", "B", "Message size (per rank for the gather)."),
+    Metric("iters", "i4", "1", "Timed iterations (after one untimed probe)."),
+    Metric("t_min_s", "f8", "s", "Fastest iteration: one-way time (round trip / 2), or the gather time "
+           "(max over ranks)."),
+    Metric("t_median_s", "f8", "s", "Median iteration."),
+    Metric("t_max_s", "f8", "s", "Slowest iteration."),
+    Metric("MBps_median", "f8", "MB/s", "size / t_median_s (gather: (ranks - 1) x size / t_median_s), 10^6 B/s."),
+)
+
+CALIBRATION_ATTRS: dict[str, tuple[str, str]] = {
+    "latency_s": ("s", "Median over peers of the median one-way time of an 8-byte ping-pong."),
+    "bw_1MiB_Bps": ("B/s", "Median over peers of 1 MiB / median one-way time."),
+    "bw_16MiB_Bps": ("B/s", "Median over peers of 16 MiB / median one-way time."),
+    "gather_s": ("s", "Median time of a Gather of 1 MiB from every rank to rank 0 (max over ranks)."),
+    "gather_Bps": ("B/s", "(world_size - 1) x 1 MiB / gather_s: bytes that crossed between processes per second."),
+    "world_size": ("1", "MPI world size."),
+    "peers": ("1", "Workers rank 0 ping-ponged with (all, or 8 spread evenly)."),
+    "budget_s": ("s", "run.calibrate_s, the time budget."),
+    "elapsed_s": ("s", "Wall time the calibration took (max over ranks)."),
+    "mode": ("", "run.calibrate as given (on, or auto in a batch job)."),
+    "created": ("", "UTC time of the measurement (ISO 8601)."),
+    "rounds_done": ("1", "Rounds completed before it: 0, or k for a calibration on hpcfl run --resume."),
+}
 
 ROOT_ATTRS: dict[str, str] = {
     "schema_version": "Version of this layout.",

@@ -21,17 +21,38 @@ import h5py
 import numpy as np
 
 from hpcfl.errors import ResultsWriteError, UsageError
-from hpcfl.results.schema import (CLIENT_METRICS, CODEC_STAT_FIELDS, RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION,
-                                  Metric)
+from hpcfl.results.schema import (CALIBRATION_ATTRS, CALIBRATION_FIELDS, CLIENT_METRICS, CODEC_STAT_FIELDS,
+                                  RANK_METRICS, ROUND_METRICS, SCHEMA_VERSION, Metric)
 
 STAT_DTYPE = np.dtype([(m.name, m.dtype) for m in CODEC_STAT_FIELDS], align=True)  # 48 B, 8-aligned
 UPDATE_INDEX_DTYPE = np.dtype([("round", "i4"), ("client", "i4")])
 
-__all__ = ["RunLog", "table_dtype", "STAT_DTYPE"]
+__all__ = ["RunLog", "table_dtype", "STAT_DTYPE", "write_calibration"]
 
 
 def table_dtype(metrics: tuple[Metric, ...]) -> np.dtype:
     return np.dtype([(m.name, m.dtype) for m in metrics])
+
+
+def write_calibration(f: h5py.File, cal: Mapping[str, Any], rounds_done: int = 0) -> h5py.Group:
+    """Store a :func:`hpcfl.bench.mpi.calibrate` result: ``/calibration``, or ``/calibration/resume_<k>``
+    when the file holds one already (a resumed run). Call before the file enters SWMR mode."""
+    name = "calibration" if "calibration" not in f else f"calibration/resume_{rounds_done}"
+    if name in f:
+        del f[name]
+    g = f.create_group(name)
+    for k in CALIBRATION_ATTRS:
+        if k == "created":
+            g.attrs[k] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        elif k == "rounds_done":
+            g.attrs[k] = int(rounds_done)
+        elif k in cal:
+            g.attrs[k] = cal[k]
+    g.attrs["units_json"] = json.dumps({k: u for k, (u, _) in CALIBRATION_ATTRS.items()})
+    t = g.create_dataset("table", data=np.asarray(cal.get("table", []), dtype=table_dtype(CALIBRATION_FIELDS)))
+    t.attrs["units_json"] = json.dumps({m.name: m.unit for m in CALIBRATION_FIELDS})
+    t.attrs["doc_json"] = json.dumps({m.name: m.doc for m in CALIBRATION_FIELDS})
+    return g
 
 
 def _fill_row(metrics: tuple[Metric, ...], shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -50,11 +71,12 @@ class RunLog:
     attrs : root attributes (str/int/float values).
     n_clients, n_ranks : widths of the /clients and /ranks tables.
     meta : static arrays for /meta.
+    calibration : a :func:`hpcfl.bench.mpi.calibrate` result for /calibration, or None.
     """
 
     def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], n_clients: int, n_ranks: int,
                  meta: Mapping[str, np.ndarray] | None = None, overwrite: bool = False,
-                 update_dims: np.ndarray | None = None):
+                 update_dims: np.ndarray | None = None, calibration: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -94,16 +116,19 @@ class RunLog:
             ug.create_dataset("vectors", shape=(0, n), maxshape=(None, n), dtype="f4",
                               chunks=(max(1, min(64, (1 << 20) // max(4 * n, 1))), n))
             self._updates = ug
+        if calibration is not None:
+            write_calibration(f, calibration)
         f.flush()
         f.swmr_mode = True
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, rounds_done: int) -> "RunLog":
+    def resume(cls, path: str | os.PathLike, rounds_done: int,
+               calibration: Mapping[str, Any] | None = None) -> "RunLog":
         """Reopen a run file to continue after ``rounds_done`` rounds (hpcfl run --resume).
 
         Rows of later rounds (written after the checkpoint) are cut off: the resumed
         run recomputes them. The file's consistency flags, left set by a killed
-        writer, are cleared first.
+        writer, are cleared first. A ``calibration`` is stored beside any earlier one.
         """
         from hpcfl.results.repair import clear_status_flags
 
@@ -139,6 +164,8 @@ class RunLog:
         f.attrs["resumes_json"] = json.dumps(history)
         f.attrs["status"] = "running"
         f.attrs["rounds_done"] = rounds_done
+        if calibration is not None:
+            write_calibration(f, calibration, rounds_done)
         f.flush()
         f.swmr_mode = True
         return self

@@ -20,12 +20,22 @@ from pathlib import Path
 
 from hpcfl.errors import UsageError, WorldSizeError
 
-__all__ = ["detect_launcher", "mpiexec_path", "check_slurm_world", "SINGLETON_HELP"]
+__all__ = ["detect_launcher", "mpiexec_path", "check_slurm_world", "SINGLETON_HELP", "in_batch_job", "BATCH_VARS"]
 
 # Variables a launcher sets in its ranks' environment. Not user-set tuning variables
 # (I_MPI_*, MPICH_*, ...): cluster modules export those in ordinary login shells.
 _MPI_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "PMIX_NAMESPACE", "OMPI_COMM_WORLD_SIZE",
              "HYDI_CONTROL_FD", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+
+
+# Job ids a batch system puts in the environment of every process of a job (Slurm, PBS/Torque, LSF, Flux).
+BATCH_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID")
+
+
+def in_batch_job(env=None) -> bool:
+    """True inside a batch-system job (also an interactive allocation: salloc, qsub -I)."""
+    env = os.environ if env is None else env
+    return any(env.get(v) for v in BATCH_VARS)
 
 
 def _in_srun_step(env) -> bool:

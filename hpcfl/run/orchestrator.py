@@ -19,7 +19,7 @@ from hpcfl.errors import ConfigError, WorldSizeError
 from hpcfl.run import provenance
 from hpcfl.run.progress import Progress
 
-__all__ = ["run_job", "resolve_out_path"]
+__all__ = ["run_job", "resolve_out_path", "calibration_wanted"]
 
 
 def resolve_out_path(job: Job, out: str | None) -> Path:
@@ -35,6 +35,25 @@ def resolve_out_path(job: Job, out: str | None) -> Path:
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError("log.path", f"bad placeholder in {template!r} ({e}); use {{name}}, {{time}}, "
                           "{job_id}") from None
+
+
+def calibration_wanted(mode: str, env=None) -> bool:
+    """run.calibrate: on, off, or auto = on in a batch job (docs/jobs.md)."""
+    from hpcfl.run.launch import in_batch_job
+
+    return mode == "on" or (mode == "auto" and in_batch_job(env))
+
+
+def _calibrate(job: Job, comm) -> dict | None:
+    """Collective: rank 0 decides (so every rank agrees), then all ranks measure the network."""
+    want = comm.bcast(calibration_wanted(job.run.calibrate) if comm.Get_rank() == 0 else None, 0)
+    if not want:
+        return None
+    from hpcfl.bench.mpi import calibrate
+
+    cal = calibrate(comm, job.run.calibrate_s)
+    cal["mode"] = job.run.calibrate
+    return cal
 
 
 def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite: bool = False,
@@ -56,6 +75,7 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         raise ConfigError("data.n_clients", f"{job.data.n_clients} clients for {tr.n_workers} worker ranks: "
                           "every worker rank needs at least one client")
     hosts = tr.gather_strings(socket.gethostname())
+    calibration = _calibrate(job, tr.comm)  # before any training, while the network is quiet
 
     from hpcfl.run.setup import build_setup
 
@@ -96,17 +116,22 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         attrs.update(initial_accuracy=acc0, initial_loss=loss0)
     progress = Progress(progress_mode, job.run.rounds, job.run.name)
     if resume_k is not None:
-        log = RunLog.resume(out, resume_k)
+        log = RunLog.resume(out, resume_k, calibration=calibration)
         if log.f["ranks"].shape[1] != tr.size:  # the rank table's width is fixed at creation
             log.close("failed: resumed on a different world size")
             raise WorldSizeError(f"{out} was written by {log.f['ranks'].shape[1]} ranks; resume with the same "
                                  f"number (--set run.ranks=...) so its per-rank table stays aligned")
     else:
         log = RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
-                     overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims())
+                     overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims(),
+                     calibration=calibration)
     with log:
         what = f"resuming after round {resume_k}: " if resume_k is not None else ""
         progress.start(f"{what}{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker "
                        f"ranks, {s.n_params} parameters, codec {s.codec.codec.codec_id} -> {out}")
+        if calibration is not None:
+            from hpcfl.results.report import format_calibration
+
+            progress.start(format_calibration(calibration).strip())
         run_root(s, tr, log, progress, resume_k)
     progress.start(f"done: {out}")

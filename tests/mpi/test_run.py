@@ -17,6 +17,7 @@ import pytest
 
 from hpcfl.codecs.wire import header_size
 from hpcfl.results import load_run
+from hpcfl.run.launch import in_batch_job
 from tests.conftest import MPIEXEC, hpcfl_env, needs_mpiexec, run_hpcfl, write_job
 
 pytestmark = [pytest.mark.mpi, needs_mpiexec]
@@ -42,6 +43,7 @@ def _run(tmp_path, job, name, *extra, env=None, timeout=300):
 
 
 def test_identity_bytes_and_file(tmp_path, tiny_job):
+    tiny_job["run"]["calibrate"] = "on"  # batched here: the network calibration before round 0
     r, out = _run(tmp_path, tiny_job, "identity")
     assert r.returncode == 0, r.stderr
     run = load_run(out)
@@ -65,8 +67,21 @@ def test_identity_bytes_and_file(tmp_path, tiny_job):
     assert json.loads(a["versions_json"])["torch"]
     assert run.meta["client_rank"].tolist() == [1, 2, 1, 2, 1, 2]
     assert "round 3/3" in r.stdout
+    cal = run.calibration
+    assert cal is not None and cal["mode"] == "on" and cal["rounds_done"] == 0 and cal["resumes"] == {}
+    assert cal["world_size"] == 3 and cal["peers"] == 2 and cal["budget_s"] == 0.5
+    for k in ("latency_s", "bw_1MiB_Bps", "bw_16MiB_Bps", "gather_s", "gather_Bps"):
+        assert np.isfinite(cal[k]) and cal[k] > 0, k
+    assert cal["elapsed_s"] < 3.0  # budget 0.5 s; generous for a loaded 2-core box
+    t = cal["table"]
+    assert [(x.decode(), int(p), int(s)) for x, p, s in zip(t["test"], t["peer"], t["size"])] == [
+        ("pingpong", 1, 8), ("pingpong", 1, 1 << 20), ("pingpong", 1, 16 << 20),
+        ("pingpong", 2, 8), ("pingpong", 2, 1 << 20), ("pingpong", 2, 16 << 20), ("gather", -1, 1 << 20)]
+    assert (t["iters"] >= 3).all() and (t["MBps_median"] > 0).all()
+    assert "network before round 0" in r.stdout
     rep = run_hpcfl(["report", str(out)])
     assert rep.returncode == 0 and "accuracy final" in rep.stdout
+    assert "network before round 0" in rep.stdout and "latency" in rep.stdout
 
 
 def test_fp16_bytes(tmp_path, tiny_job):
@@ -75,6 +90,7 @@ def test_fp16_bytes(tmp_path, tiny_job):
     r, out = _run(tmp_path, tiny_job, "fp16")
     assert r.returncode == 0, r.stderr
     run = load_run(out)
+    assert (run.calibration is None) == (not in_batch_job(hpcfl_env()))  # run.calibrate = auto
     part = run.clients["participated"].astype(bool)
     # fp16 parts: 1280 and 20 bytes; the 20-byte part pads to 24 (padding counts as header)
     assert (run.clients["payload_bytes"][part] == 2 * N_PARAMS).all()
