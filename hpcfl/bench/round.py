@@ -15,7 +15,7 @@ is one round:
    ``Barrier``:
 
    * *hpcfl* -- the path a run takes: workers ``pack_frames`` their messages,
-     :meth:`~hpcfl.comm.transport.Transport.gather_bytes` (size ``Igather``, then
+     :meth:`~hpcfl.comm.transport.Transport.gather_bytes` (sizes point to point, then
      ``Igatherv`` into a fresh buffer, with hpcfl's polling waits), the root
      ``unpack_frames`` every chunk;
    * *bare* -- one blocking ``comm.Gatherv`` of the very same chunk bytes and
@@ -34,7 +34,7 @@ float32 bytes is timed as well: sending the update without any codec.
 Derived figures (medians unless ``_best``): ``gather_MBps`` / ``bare_MBps`` =
 wire bytes / time; ``gather_vs_bare`` = bare time / hpcfl time = hpcfl
 bandwidth / bare bandwidth (the aim: >= 0.9); ``transport_vs_bare`` the same
-for ``gather_bytes`` alone (size ``Igather`` + ``Igatherv``, without the framing
+for ``gather_bytes`` alone (sizes point to point + ``Igatherv``, without the framing
 copies); ``ratio`` the compression ratio; ``raw_gather_MBps`` = raw bytes / hpcfl gather
 time; ``effective_MBps`` = raw bytes / (encode + gather + decode);
 ``speedup_vs_raw`` = bare raw time / (encode + gather + decode) (> 1: the codec
@@ -350,12 +350,12 @@ ROUND_FIELDS: dict[str, tuple[str, str, str]] = {
                    "max over ranks, fastest sample."),
     "bare_median_s": ("f8", "s", "Bare Gatherv, median sample."),
     "bare_max_s": ("f8", "s", "Bare Gatherv, slowest sample."),
-    "transport_min_s": ("f8", "s", "Transport.gather_bytes alone (size Igather + Igatherv, wait_s + "
+    "transport_min_s": ("f8", "s", "Transport.gather_bytes alone (p2p sizes + Igatherv, wait_s + "
                         "transfer_s; no framing), max over ranks, fastest sample."),
     "transport_median_s": ("f8", "s", "gather_bytes alone, median sample."),
     "transport_max_s": ("f8", "s", "gather_bytes alone, slowest sample."),
     "transport_vs_bare": ("f8", "1", "bare_median_s / transport_median_s: the transport without framing."),
-    "root_wait_median_s": ("f8", "s", "Root: size Igather (gather_bytes wait_s), median."),
+    "root_wait_median_s": ("f8", "s", "Root: sizes, point to point (gather_bytes wait_s), median."),
     "root_transfer_median_s": ("f8", "s", "Root: Igatherv (gather_bytes transfer_s), median."),
     "root_unpack_median_s": ("f8", "s", "Root: unpack_frames of every chunk, median."),
     "pack_median_s": ("f8", "s", "Workers: pack_frames, max over workers, median."),

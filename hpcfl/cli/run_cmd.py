@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hpcfl.cli import register
 from hpcfl.errors import HpcflError, UsageError
 
 RUN_FLAGS = ("set", "out", "overwrite", "progress")
+FAIL_NOTE_ENV = "HPCFL_FAIL_NOTE"  # file where a failing rank leaves its reason for the self-launcher
 
 
 def _job_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -137,9 +139,16 @@ def _self_launch(args) -> int:
         cmd.append("--overwrite")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # see hpcfl.cli._environment
-    rc = subprocess.call(cmd, env=env)
+    fd, note = tempfile.mkstemp(prefix="hpcfl-fail-", suffix=".txt")
+    os.close(fd)
+    env[FAIL_NOTE_ENV] = note
+    try:
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            _mark_failed(out, rc, Path(note))
+    finally:
+        Path(note).unlink(missing_ok=True)
     if rc != 0:
-        _mark_failed(out, rc)
         print(f"hpcfl run: the MPI job exited with code {rc}; completed rounds are in {out}"
               if out.exists() else f"hpcfl run: the MPI job exited with code {rc}", file=sys.stderr)
     return rc
@@ -156,11 +165,29 @@ def _check_writable(out: Path) -> None:
         raise UsageError(f"cannot write the run file {out}: {e.strerror} ({out.parent})") from None
 
 
-def _mark_failed(out, rc: int) -> None:
-    """A job killed by MPI_Abort cannot close its file: record the failure from outside."""
+def _mark_failed(out, rc: int, note: Path | None = None) -> None:
+    """A job killed by MPI_Abort cannot close its file: record the failure from outside, with the
+    first failing rank's own one-line reason when it left one (``FAIL_NOTE_ENV``)."""
     from hpcfl.results.repair import mark_failed
 
-    mark_failed(out, f"MPI job exited with code {rc}")
+    reason = f"MPI job exited with code {rc}"
+    try:
+        first = note.read_text(errors="replace").splitlines()[0].strip() if note else ""
+    except (OSError, IndexError):
+        first = ""
+    mark_failed(out, f"{reason}; {first}"[:900] if first else reason)
+
+
+def _leave_note(line: str) -> None:
+    """Append a failing rank's one-line reason for the self-launcher (best effort, never raises)."""
+    path = os.environ.get(FAIL_NOTE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(line.replace("\n", " ") + "\n")
+    except OSError:
+        pass
 
 
 def _run_in_mpi(args, launcher: str) -> int:
@@ -217,6 +244,7 @@ def _run_in_mpi(args, launcher: str) -> int:
         return 2
     except HpcflError as e:  # a diagnosed failure (numerical fault, hung rank, disk full): one clear line
         print(f"hpcfl run: rank {rank}/{size}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _leave_note(f"rank {rank}: {type(e).__name__}: {e}")
         if size > 1:
             comm.Abort(1)
         return 1
@@ -224,6 +252,7 @@ def _run_in_mpi(args, launcher: str) -> int:
         if isinstance(e, SystemExit) and not e.code:
             raise
         print(f"hpcfl run: rank {rank}/{size} failed:", file=sys.stderr, flush=True)
+        _leave_note(f"rank {rank}: {type(e).__name__}: {e}")
         traceback.print_exc()
         sys.stderr.flush()
         if size > 1:

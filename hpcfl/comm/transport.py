@@ -6,8 +6,8 @@ Per round:
   float32 model. The token separates *idle* time (a worker waiting for the root
   to finish the previous round) from the *transfer* of the model.
 * ``gather_bytes``: each worker sends one chunk holding its clients' framed
-  messages and metric records. The sizes travel first in a non-blocking
-  ``Igather`` (which also carries a few per-rank figures); then one ``Gatherv``
+  messages and metric records. The sizes travel first, point to point (each
+  carries a few per-rank figures too); then one ``Igatherv``
   fills a preallocated uint8 buffer at the root. The root keeps its last two
   receive buffers and reuses one only when nothing outside the transport still
   refers to it (no chunk, frame or decoded view of an earlier round is alive),
@@ -27,24 +27,51 @@ calls, and a rank blocked in MPI busy-polls a core):
   not stretched by sleeps.
 
 ``poll_interval = 0`` blocks inside MPI for every wait.
+
+**Watchdog.** Every wait has a deadline of ``timeout`` seconds (``run.timeout``);
+past it the waiting rank raises :class:`~hpcfl.errors.RankTimeout` naming the
+round and the ranks it was waiting for, and the caller aborts the job (a rank
+blocked in a collective can only be freed by ``MPI_Abort``). To name the
+missing ranks, the root receives the per-round sizes point to point (one
+``Irecv`` per worker) rather than in an ``Igather``. With ``poll_interval = 0``
+waits block inside MPI and the watchdog cannot fire.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
 
+from hpcfl.errors import RankTimeout
+
 __all__ = ["Transport", "Pending"]
 
 ROOT = 0
+_TAG_SIZES = 7301  # the per-round sizes, worker -> root (point to point, so a missing rank can be named)
 
 
-def _wait_idle(req: MPI.Request, poll: float) -> None:
+class _Deadline:
+    """When a wait must give up, and what to say then."""
+
+    __slots__ = ("at", "what")
+
+    def __init__(self, timeout: float, what: Callable[[], str]):
+        self.at = time.perf_counter() + timeout
+        self.what = what
+
+    def check(self) -> None:
+        if time.perf_counter() > self.at:
+            raise RankTimeout(self.what())
+
+
+def _wait_idle(req: MPI.Request, poll: float, dl: _Deadline | None = None) -> None:
     """Yield for ~100 us, then sleep with exponential back-off from 20 us to ``poll``."""
     if poll <= 0:
         req.Wait()
@@ -58,17 +85,23 @@ def _wait_idle(req: MPI.Request, poll: float) -> None:
             return
     nap = 2e-5
     while not req.Test():
+        if dl is not None:
+            dl.check()
         time.sleep(nap)
         nap = min(nap * 2, poll)
 
 
-def _wait_transfer(req: MPI.Request, poll: float) -> None:
+def _wait_transfer(req: MPI.Request, poll: float, dl: _Deadline | None = None) -> None:
     """Every party is present: progress the request as fast as possible, yielding the CPU."""
     if poll <= 0:
         req.Wait()
         return
+    n = 0
     while not req.Test():
         os.sched_yield()
+        n += 1
+        if dl is not None and n % 256 == 0:
+            dl.check()
 
 
 class _RecvPool:
@@ -120,12 +153,16 @@ class Pending:
 class Transport:
     """The job's communicator and the collectives an FL round needs."""
 
-    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.0002, recv_buffers: int = 2):
-        """``recv_buffers``: receive buffers the root keeps for reuse (0: a fresh one every gather)."""
+    def __init__(self, comm: MPI.Comm | None = None, poll_interval: float = 0.0002, recv_buffers: int = 2,
+                 timeout: float = math.inf):
+        """``recv_buffers``: receive buffers the root keeps for reuse (0: a fresh one every gather);
+        ``timeout``: seconds any wait may last before :class:`RankTimeout` (the watchdog)."""
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.poll = poll_interval
+        self.timeout = timeout
+        self.round = -1  # the round of the last broadcast token, for the watchdog's messages
         self._token = np.zeros(2, dtype=np.int64)
         self._recv_pool = _RecvPool(recv_buffers)
 
@@ -137,8 +174,16 @@ class Transport:
     def n_workers(self) -> int:
         return self.size - 1
 
+    def _deadline(self, what: Callable[[], str]) -> _Deadline | None:
+        return _Deadline(self.timeout, what) if math.isfinite(self.timeout) else None
+
+    def _hung(self, what: str) -> Callable[[], str]:
+        r = f"round {self.round}" if self.round >= 0 else "start-up"
+        return lambda: (f"rank {self.rank}, {r}: {what} did not complete within run.timeout = {self.timeout:g} s; "
+                        "a rank stopped answering (hung or dead), so the job is ended")
+
     def barrier(self) -> None:
-        _wait_idle(self.comm.Ibarrier(), self.poll)
+        _wait_idle(self.comm.Ibarrier(), self.poll, self._deadline(self._hung("a barrier")))
 
     def bcast_model(self, flat: np.ndarray, round: int) -> tuple[float, float]:
         """Broadcast the root's float32 vector into ``flat`` on every rank.
@@ -149,13 +194,17 @@ class Transport:
         t0 = MPI.Wtime()
         if self.is_root:
             self._token[:] = (round, flat.size)
-        _wait_idle(self.comm.Ibcast([self._token, MPI.INT64_T], root=ROOT), self.poll)
+        self.round = round
+        _wait_idle(self.comm.Ibcast([self._token, MPI.INT64_T], root=ROOT), self.poll,
+                   self._deadline(lambda: f"rank {self.rank} waited run.timeout = {self.timeout:g} s for the root "
+                                  f"(rank 0) to start round {round}; the root is hung or dead, so the job is ended"))
         if not self.is_root and (int(self._token[0]) != round or int(self._token[1]) != flat.size):
             raise RuntimeError(f"rank {self.rank}: root is in round {int(self._token[0])} with "
                                f"{int(self._token[1])} parameters; this rank expected round {round} "
                                f"with {flat.size}")
         t1 = MPI.Wtime()
-        _wait_transfer(self.comm.Ibcast([flat, MPI.FLOAT], root=ROOT), self.poll)
+        _wait_transfer(self.comm.Ibcast([flat, MPI.FLOAT], root=ROOT), self.poll,
+                       self._deadline(self._hung("the model broadcast")))
         return t1 - t0, MPI.Wtime() - t1
 
     def gather_bytes(self, chunk: np.ndarray | None, info: np.ndarray
@@ -173,10 +222,8 @@ class Transport:
         mine = np.empty(k, dtype=np.float64)
         mine[0] = send.size
         mine[1:] = info
-        allinfo = np.zeros((self.size, k), dtype=np.float64) if self.is_root else None
         t0 = MPI.Wtime()
-        _wait_idle(self.comm.Igather([mine, MPI.DOUBLE], [allinfo, MPI.DOUBLE] if self.is_root else None,
-                                     root=ROOT), self.poll)
+        allinfo = self._gather_sizes(mine)
         t1 = MPI.Wtime()
         if self.is_root:
             counts = allinfo[:, 0].astype(np.int64)
@@ -186,12 +233,46 @@ class Transport:
             req = self.comm.Igatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE], root=ROOT)
         else:
             req = self.comm.Igatherv([send, MPI.BYTE], None, root=ROOT)
-        _wait_transfer(req, self.poll)
+        _wait_transfer(req, self.poll, self._deadline(self._hung("the gather of the updates")))
         t2 = MPI.Wtime()
         if not self.is_root:
             return None, None, t1 - t0, t2 - t1
         chunks = [recv[displs[r]:displs[r] + counts[r]] for r in range(1, self.size)]
         return chunks, allinfo[:, 1:], t1 - t0, t2 - t1
+
+    def _gather_sizes(self, mine: np.ndarray) -> np.ndarray | None:
+        """Each worker's size-and-info row to the root, point to point so the root can name a rank
+        that never sends (the watchdog's message); returns the (size, k) table on the root."""
+        if not self.is_root:
+            _wait_idle(self.comm.Isend([mine, MPI.DOUBLE], dest=ROOT, tag=_TAG_SIZES), self.poll,
+                       self._deadline(self._hung("sending this rank's sizes to the root")))
+            return None
+        allinfo = np.zeros((self.size, mine.size), dtype=np.float64)
+        allinfo[ROOT] = mine
+        waiting = {w: self.comm.Irecv([allinfo[w], MPI.DOUBLE], source=w, tag=_TAG_SIZES)
+                   for w in range(1, self.size)}
+        if self.poll <= 0:
+            MPI.Request.Waitall(list(waiting.values()))
+            return allinfo
+
+        def missing() -> str:
+            ranks = sorted(waiting)
+            shown = ", ".join(map(str, ranks[:20])) + (f" and {len(ranks) - 20} more" if len(ranks) > 20 else "")
+            return (f"round {self.round}: rank{'s' if len(ranks) > 1 else ''} {shown} sent nothing to the root within "
+                    f"run.timeout = {self.timeout:g} s (hung or dead); the job is ended")
+
+        dl = self._deadline(missing)
+        nap = 2e-5
+        while waiting:
+            for w in [w for w, rq in waiting.items() if rq.Test()]:
+                del waiting[w]
+            if not waiting:
+                break
+            if dl is not None:
+                dl.check()
+            time.sleep(nap)
+            nap = min(nap * 2, self.poll)
+        return allinfo
 
     def igather_floats(self, values: np.ndarray) -> tuple[Pending, np.ndarray | None]:
         """Start a gather of a fixed-length float64 vector per rank; finish with :meth:`wait`.
@@ -205,7 +286,7 @@ class Transport:
         return Pending(req, (send, recv)), recv
 
     def wait(self, pending: Pending) -> None:
-        _wait_idle(pending.req, self.poll)
+        _wait_idle(pending.req, self.poll, self._deadline(self._hung("the gather of the ranks' gather times")))
 
     def gather_strings(self, s: str) -> list[str] | None:
         """Small start-up metadata (host names); pickled, never on the per-round path."""

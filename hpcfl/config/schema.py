@@ -54,7 +54,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "poll_interval": Field(
             float, 0.0002,
             "Longest sleep between polls of a pending MPI request; waits back off from 20 us to this "
-            "(0 = block inside MPI, which busy-polls and steals CPU from training ranks).",
+            "(0 = block inside MPI, which busy-polls and steals CPU from training ranks, and disables the "
+            "run.timeout watchdog).",
             min=0.0, max=1.0),
         "wire_checksum": Field(bool, False, "Append a CRC32 trailer to every message."),
         "timeout": Field(float, 600.0, "Seconds any rank may wait for another (in a collective) before the job "

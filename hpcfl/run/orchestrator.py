@@ -66,7 +66,7 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
     from hpcfl.comm.transport import Transport
     from hpcfl.run.launch import check_slurm_world
 
-    tr = Transport(comm if comm is not None else MPI.COMM_WORLD, job.run.poll_interval)
+    tr = Transport(comm if comm is not None else MPI.COMM_WORLD, job.run.poll_interval, timeout=job.run.timeout)
     check_slurm_world(tr.size)
     if tr.size < 2:
         raise WorldSizeError("hpcfl needs at least 2 ranks (rank 0 aggregates, ranks 1.. host clients); "

@@ -76,19 +76,31 @@ def test_saved_updates_and_state_bytes(tmp_path, tiny_job):
 
 
 def test_fused_aggregation_matches_per_client(tmp_path, tiny_job):
-    """server.aggregate = fused sums through Codec.decode_sum; by default that is the same
-    arithmetic in the same order, so results are bit-identical; altspace shares its inverse map."""
-    tiny_job["codec"] = {"id": "topk_ef", "ratio": 0.1}
+    """server.aggregate = fused sums through Codec.decode_sum. For top-k + EF that is the default
+    (the same arithmetic in the same order): bit-identical. For altspace with shared bases the root
+    sums in the mapped space and inverts once per layer (float64 sum): the same model to rounding."""
     tiny_job["model"] = {"name": "mlp", "hidden": [32]}
+    tiny_job["run"]["rounds"] = 4
+    tiny_job["routing"] = {"min_ndim": 2}
     runs = {}
-    for mode in ("per_client", "fused"):
-        tiny_job["server"] = {"aggregate": mode}
-        jp = write_job(tmp_path / f"{mode}.toml", tiny_job)
-        out = tmp_path / f"{mode}.h5"
-        r = run_hpcfl(["run", str(jp), "--out", str(out)])
-        assert r.returncode == 0, r.stderr
-        runs[mode] = load_run(out)
-    a, b = runs["per_client"], runs["fused"]
-    np.testing.assert_array_equal(a.rounds["accuracy"], b.rounds["accuracy"])
-    np.testing.assert_array_equal(a.rounds["uplink_bytes"], b.rounds["uplink_bytes"])
-    assert np.isnan(b.clients["decode_s"]).all() and (b.rounds["decode_s"] > 0).all()
+    for codec in ({"id": "topk_ef", "ratio": 0.1}, {"id": "altspace_ef", "basis": "shared", "ratio": 0.1}):
+        tiny_job["codec"] = codec
+        for mode in ("per_client", "fused"):
+            tiny_job["server"] = {"aggregate": mode}
+            name = f"{codec['id']}-{mode}"
+            jp = write_job(tmp_path / f"{name}.toml", tiny_job)
+            out = tmp_path / f"{name}.h5"
+            r = run_hpcfl(["run", str(jp), "--out", str(out)])
+            assert r.returncode == 0, r.stderr
+            runs[name] = load_run(out)
+    for codec in ("topk_ef", "altspace_ef"):
+        a, b = runs[f"{codec}-per_client"], runs[f"{codec}-fused"]
+        np.testing.assert_array_equal(a.rounds["uplink_bytes"], b.rounds["uplink_bytes"])
+        assert np.isnan(b.clients["decode_s"]).all() and (b.rounds["decode_s"] > 0).all()
+        assert not np.isnan(a.clients["decode_s"][a.clients["participated"].astype(bool)]).any()
+        if codec == "topk_ef":
+            np.testing.assert_array_equal(a.rounds["accuracy"], b.rounds["accuracy"])
+            np.testing.assert_array_equal(a.rounds["loss"], b.rounds["loss"])
+        else:
+            np.testing.assert_allclose(a.rounds["loss"], b.rounds["loss"], rtol=1e-4)
+            assert np.abs(a.rounds["accuracy"] - b.rounds["accuracy"]).max() <= 0.01

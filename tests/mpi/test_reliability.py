@@ -65,3 +65,25 @@ def test_resume_refusals(tmp_path, stateful_job):
     assert r.returncode == 2 and "train.lr" in r.stderr
     r = run_hpcfl(["run", "--resume", str(tmp_path / "missing.h5")])
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("who, expect", [
+    (2, "rank 2 sent nothing to the root"),                 # a worker stops answering: the root names it
+    (0, "for the root (rank 0) to start round 3"),          # the root stops answering: a worker names it
+])
+def test_hung_rank_ends_job_within_timeout(tmp_path, tiny_job, who, expect):
+    """A rank that stops answering (sleeps outside MPI) ends the whole job within run.timeout plus
+    start-up, with the rank and round named on stderr and in the file, and earlier rounds kept."""
+    tiny_job["run"].update(rounds=6, ranks=3, timeout=4.0)
+    jp = write_job(tmp_path / "job.toml", tiny_job)
+    out = tmp_path / "hang.h5"
+    t = time.monotonic()
+    r = run_hpcfl(["run", str(jp), "--out", str(out)], env=hpcfl_env(HPCFL_FAULT=f"rank={who},round=2,kind=hang"),
+                  timeout=180)
+    took = time.monotonic() - t
+    assert r.returncode != 0
+    assert took < 90, took  # the hang itself lasts an hour
+    assert "RankTimeout" in r.stderr and expect in r.stderr and "run.timeout = 4 s" in r.stderr, r.stderr[-2000:]
+    run = load_run(out)
+    assert run.status.startswith("failed") and "RankTimeout" in run.status and expect in run.status, run.status
+    assert run.n_rounds == 2  # rounds 0 and 1; the hang starts at the top of round 2 on either side
