@@ -41,7 +41,7 @@ def analysis(name: str, help: str, run: Callable[[argparse.Namespace], int]):
     return deco
 
 
-@register("analyze", "offline analyses of a run file: " + "gradient-space, recycling")
+@register("analyze", "offline analyses of a run file: " + "gradient-space, recycling, reproduction")
 def add_analyze(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     sub.required = True
@@ -142,3 +142,23 @@ def _recycling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="", help="title of the --plot figure")
     p.add_argument("--json", action="store_true", help="one JSON object per run (summary only unless --rounds)")
     p.add_argument("--rounds", action="store_true", help="with --json: include the per-round rows")
+
+
+# ----------------------------------------------------------------- reproduction
+
+def _reproduction(args: argparse.Namespace) -> int:
+    from hpcfl.analysis.reproduction import main
+
+    return main(args)
+
+
+@analysis("reproduction", "write docs/reproduction.md from the method runs of a manifest: each paper's figures "
+          "(methods.md, with confidence tags) beside ours from the run files; lists runs without a file", _reproduction)
+def _reproduction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", default="runs", help="directory the manifest's run paths are relative to (default runs)")
+    p.add_argument("--manifest", default="docs/reproduction.toml", help="default docs/reproduction.toml")
+    p.add_argument("--out", default="docs/reproduction.md", help="report to write (default docs/reproduction.md)")
+    p.add_argument("--img", help="figure directory (default: img/reproduction beside --out)")
+    p.add_argument("--run-missing", action="store_true",
+                   help="first run (hpcfl run, one after another) every manifest run without a complete file")
+    p.add_argument("--list", action="store_true", help="only print each run's status; write nothing")
