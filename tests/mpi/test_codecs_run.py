@@ -102,5 +102,10 @@ def test_fused_aggregation_matches_per_client(tmp_path, tiny_job):
             np.testing.assert_array_equal(a.rounds["accuracy"], b.rounds["accuracy"])
             np.testing.assert_array_equal(a.rounds["loss"], b.rounds["loss"])
         else:
-            np.testing.assert_allclose(a.rounds["loss"], b.rounds["loss"], rtol=1e-4)
-            assert np.abs(a.rounds["accuracy"] - b.rounds["accuracy"]).max() <= 0.01
+            # round 0 aggregates in one (identity) group: the float64 sum differs from float32 by rounding
+            # only. Later bases come from the last global step, so that rounding moves near-tied top-k
+            # choices of every client and the runs drift apart slowly (4e-4 after 4 rounds here); the
+            # exactness of decode_sum itself is tested per message in tests/methods/test_altspace.py.
+            np.testing.assert_allclose(a.rounds["loss"][0], b.rounds["loss"][0], rtol=1e-6)
+            np.testing.assert_allclose(a.rounds["loss"], b.rounds["loss"], rtol=2e-3)
+            assert np.abs(a.rounds["accuracy"] - b.rounds["accuracy"]).max() <= 0.02
