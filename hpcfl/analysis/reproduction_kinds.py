@@ -368,7 +368,7 @@ def fig_xy(ctx: Context, f: dict, out: Path) -> tuple[Path, str] | None:
         st = _style(i)
         xs, ys = zip(*pts)
         ax.plot(xs, ys, label=label, markersize=5, linewidth=1.4, **st)
-        ends.append((xs[-1], ys[-1], label, st))
+        ends.append((xs[-1], ys[-1], label, {**st, "xs": xs}))
     if not ends:
         return None
     for j, rid in enumerate(f.get("refs", [])):
@@ -381,6 +381,12 @@ def fig_xy(ctx: Context, f: dict, out: Path) -> tuple[Path, str] | None:
                         color="#555555", va="bottom" if j % 2 == 0 else "top")
     if f.get("xlog"):
         ax.set_xscale("log")
+    xs_all = sorted({x for _, _, _, st in ends for x in st["xs"]})
+    if 0 < len(xs_all) <= 12:  # tick the values that were run, not powers of ten
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f.get("xlabel", f["x"]))
     ax.set_ylabel(f.get("ylabel", f["y"]))
     ax.grid(True, alpha=0.3)
@@ -454,7 +460,7 @@ def fig_altspace_energy_rounds(ctx: Context, f: dict, out: Path) -> Path | None:
     return out
 
 
-FIGURES: dict[str, Callable[[Context, dict, Path], Path | None]] = {
+FIGURES: dict[str, Callable[[Context, dict, Path], Path | tuple[Path, str] | None]] = {
     "accuracy_vs_rounds": fig_accuracy_vs_rounds,
     "accuracy_vs_uplink": fig_accuracy_vs_uplink,
     "compression_ratio": fig_compression_ratio,
