@@ -39,10 +39,12 @@ def job_dict(lr: float = 0.1) -> dict:
 
 
 def write_run(path: Path, job: Path, sets: list[str], acc: list[float], up: list[int], *,
-              status: str = "complete", stats: list[tuple[int, str, float]] = (), job_json: str | None = None):
+              status: str = "complete", stats: list[tuple[int, str, float]] = (), job_json: str | None = None,
+              slots: list | None = None):
     """A run file with the given per-round accuracy and uplink bytes; ``stats``: (round, name, value) on slot 0."""
     j = load_job(job, sets)
-    attrs = {"job_json": job_json or j.to_json(), "codec_json": json.dumps({"codec": j.to_dict()["codec"]}),
+    codec = {"codec": j.to_dict()["codec"], **({"slots": slots} if slots else {})}
+    attrs = {"job_json": job_json or j.to_json(), "codec_json": json.dumps(codec),
              "world_size": 3, "job_hash": j.hash, "n_clients": C, "n_params": 650}
     log = RunLog(path, attrs=attrs, n_clients=C, n_ranks=3, overwrite=True,
                  meta={"slot_names": np.array([b"w"])})
@@ -256,7 +258,8 @@ def test_states_and_run_missing(setup, monkeypatch):
     write_run(runs / "alpha/base.h5", job, [], [0.3], [50], status="failed: RuntimeError: boom")
     states = rp.resolve_runs(m, runs)
     assert states[("alpha", "fast")].state == "interrupted"
-    assert states[("alpha", "base")].state == "failed" and states[("alpha", "base")].detail.endswith("RuntimeError: boom")
+    base = states[("alpha", "base")]
+    assert base.state == "failed" and base.detail.endswith("RuntimeError: boom")
     assert not states[("alpha", "base")].usable
 
     calls = []
@@ -293,7 +296,8 @@ def test_run_file_that_differs_from_its_manifest_entry_is_flagged(setup):
 
 def test_grid_expansion_matches_sweep_names():
     specs = rp._expand_run({"id": "{model}-R{bits}-M{m}", "label": "{model} R={bits}", "job": "jobs/{model}.toml",
-                            "grid": [["model", ["mlp", "cnn"]], ["codec.bits", ["1", "2"]], ["codec.m", ["0.0", "1.0"]]],
+                            "grid": [["model", ["mlp", "cnn"]], ["codec.bits", ["1", "2"]],
+                                     ["codec.m", ["0.0", "1.0"]]],
                             "set": ["server.lr=0.4"], "out": "{model}/runs/{i}-bits={bits}_m={m}.h5"}, "t")
     assert len(specs) == 8
     s = specs[5]  # model cnn, bits 1, m 1.0: the point's index counts only the dotted (override) axes
@@ -332,3 +336,91 @@ def test_cli_list_and_generate(setup, capsys):
     assert f"wrote {out}: 3 runs used, 3 without a usable file" in err and "alpha/gone: missing" in err
     assert out.exists() and (tmp / "out" / "img" / "reproduction" / "alpha-acc.png").exists()
     assert main(["analyze", "reproduction", "--manifest", str(tmp / "none.toml"), "--runs", str(runs)]) == 2
+
+
+KINDS = """
+title = "Kinds"
+spec = "methods.md"
+
+[[method]]
+key = "k"
+title = "K: method-specific tables"
+
+[[method.run]]
+id = "q-R{bits}-M{m}"
+job = "job.toml"
+grid = [["codec.bits", ["1", "2"]], ["codec.m", ["0.0", "1.0"]]]
+out = "q/{i}.h5"
+
+[[method.run]]
+id = "ref"
+job = "job.toml"
+out = "d/ref.h5"
+
+[[method.run]]
+id = "d{dim}"
+job = "job.toml"
+grid = [["codec.dim", ["250", "500", "1000"]]]
+out = "d/{dim}.h5"
+
+[[method.run]]
+id = "{c}-b"
+job = "job.toml"
+grid = [["c", ["falcom", "sz3"]]]
+out = "f/{c}.h5"
+
+[[method.table]]
+kind = "mwq_best_m"
+name = "best"
+runs = ["q-*"]
+
+[[method.table]]
+kind = "d_for_fraction"
+name = "dd"
+reference = "ref"
+fraction = 0.9
+groups = [["g", ["d*"]]]
+
+[[method.table]]
+kind = "falcom_vs_sz3"
+name = "fs"
+rows = [["b", "falcom-b", "sz3-b", ""]]
+from_round = 2
+"""
+
+
+def test_method_kinds_by_hand(tmp_path, monkeypatch):
+    from hpcfl.analysis.reproduction_kinds import TABLES
+
+    monkeypatch.chdir(tmp_path)
+    job = write_job(tmp_path / "job.toml", job_dict())
+    man = tmp_path / "k.toml"
+    man.write_text(KINDS)
+    runs = tmp_path / "runs"
+    for i, (bits, m, acc, status) in enumerate([("1", "0.0", 0.5, "complete"), ("1", "1.0", 0.7, "complete"),
+                                                ("2", "0.0", 0.6, "complete"),
+                                                ("2", "1.0", 0.1, "failed: NumericalFault: in round 1")]):
+        write_run(runs / f"q/{i:04d}.h5", job, [f"codec.bits={bits}", f"codec.m={m}"], [0.3, acc], [10, 10],
+                  status=status)
+    write_run(runs / "d/ref.h5", job, [], [0.8], [10])
+    for d, acc in (("250", 0.6), ("500", 0.75), ("1000", 0.9)):
+        write_run(runs / f"d/{d}.h5", job, [f"codec.dim={d}"], [acc], [10])
+    slots = [["conv", [2, 1, 3, 3], "lossy"], ["b", [2], "dense"]]  # 18 conv weights: 72 raw bytes per client
+    for c, ratios in (("falcom", [2, 2, 4, 4]), ("sz3", [2, 2, 2, 2])):
+        write_run(runs / f"f/{c}.h5", job, [], [0.5] * 4, [100] * 4, slots=slots,
+                  stats=[(r, "ratio", float(v)) for r, v in enumerate(ratios)])
+    m = rp.load_manifest(man).methods[0]
+    states = rp.resolve_runs(rp.load_manifest(man), runs)
+    ctx = rp.Context(m, {r.id: states[("k", r.id)] for r in m.runs}, tmp_path, "img", {})
+    tables = {t["kind"]: TABLES[t["kind"]](ctx, t) for t in m.tables}
+
+    assert "| 1 | 1 | 0.7000 / 0.5000 | 0.5000 / 0.4000 | — |" in tables["mwq_best_m"]  # last 5 = mean of both evals
+    assert "| 2 | 0 | 0.6000 / 0.4500 | 0.6000 / 0.4500 | M=1 (diverged) |" in tables["mwq_best_m"]
+    assert ctx.values["best"] == "R=1: M=1 (0.7000 vs M=0 0.5000); R=2: M=0 (0.6000 vs M=0 0.6000)"
+
+    assert "| g | 0.7200 | 500 (0.7500) | d=250: 0.6000, d=500: 0.7500, d=1000: 0.9000 |" in tables["d_for_fraction"]
+    assert ctx.values["dd.g"] == "g: d = 500 (0.7500 ≥ 0.9 × 0.8000)"
+
+    # conv ratio over rounds >= 2: FalCom 4, SZ3 2; the last quarter (round 3): the same
+    assert "| b | 4.000 | 2.000 | **2.000** | 3–3 | **2.000** | — | 0.5000 / 0.5000 |" in tables["falcom_vs_sz3"]
+    assert ctx.values["fs.all"] == "up to 2.000× SZ3 (b, rounds ≥ 2)"

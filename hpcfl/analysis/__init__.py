@@ -3,7 +3,9 @@
 * :mod:`hpcfl.analysis.gradient_space` -- how many principal components span the
   saved updates (LBGM's low-rank gradient-space observation);
 * :mod:`hpcfl.analysis.recycling` -- per-round recycled fraction, cumulative
-  floats per client and the root's look-back memory (LBGM's plots' axes).
+  floats per client and the root's look-back memory (LBGM's plots' axes);
+* :mod:`hpcfl.analysis.reproduction` -- docs/reproduction.md from the manifest
+  docs/reproduction.toml and the method runs (kinds in ``reproduction_kinds``).
 
 The command-line front end and its dispatch table are in
 :mod:`hpcfl.cli.analyze_cmds`.

@@ -12,7 +12,7 @@ other. Runs without a usable file are listed (with the command that makes them) 
 failing the report; ``--run-missing`` makes them first with ``hpcfl run``.
 
 Table and figure kinds specific to one method are in :mod:`hpcfl.analysis.reproduction_kinds`.
-No MPI, no torch.
+No MPI; torch is imported only when a FalCom kind reads its per-slot helpers (``hpcfl.codecs``).
 """
 
 from __future__ import annotations
@@ -661,6 +661,11 @@ def _claim_ours(ctx: Context, refs: Sequence[str]) -> str:
     return "<br>".join(parts) if parts else "not measured here"
 
 
+def _heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
+
+
 def _anchor(text: str) -> str:
     a = re.sub(r"[^\w\- ]", "", text.lower()).strip().replace(" ", "-")
     return f"figure-{a}"
@@ -827,7 +832,7 @@ def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out:
                            for (k, _), s in states.items() if not s.usable]), ""]
     else:
         head += ["Every run of the manifest had a usable file at generation time.", ""]
-    toc = ["## Contents", ""] + [f"{i}. [{m.title}](#{re.sub(r'[^a-z0-9 -]', '', f'{i}. {m.title}'.lower()).replace(' ', '-')})"
+    toc = ["## Contents", ""] + [f"{i}. [{m.title}](#{_heading_anchor(f'{i}. {m.title}')})"
                                  for i, m in enumerate(manifest.methods, 1)] + [""]
     text = "\n".join(head + toc + sections).rstrip() + "\n"
     tmp = out.with_name(out.name + ".tmp")

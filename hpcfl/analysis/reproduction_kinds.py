@@ -137,7 +137,8 @@ def table_falcom_vs_sz3(ctx: Context, t: dict) -> str:
     for label, fid, sid, zid in t["rows"]:
         fa, sz, zf = ctx.one(fid), ctx.one(sid), ctx.one(zid)
         if not (fa and fa.usable and sz and sz.usable):
-            rows.append([label] + ["—"] * 7 + [f"missing: {', '.join(x.spec.id for x in (fa, sz) if x and not x.usable)}"])
+            gone = ", ".join(x.spec.id for x in (fa, sz) if x and not x.usable)
+            rows.append([label] + ["—"] * 7 + [f"missing: {gone}"])
             continue
         n = min(fa.run.n_rounds, sz.run.n_rounds)
         late = n - n // 4
@@ -226,8 +227,9 @@ def table_mwq_best_m(ctx: Context, t: dict) -> str:
         best = max(ok, key=lambda s: metric_value(s, "final"))
         m = float(metric_value(best, "param:codec.m"))
         m0_txt = (f"{metric_text(m0, 'final')} / {metric_text(m0, 'last5')}" if m0 and m0.usable else "—")
+        excluded = ", ".join(f"M={float(metric_value(s, 'param:codec.m') or 0):g} ({_why(s)})" for s in out)
         rows.append([f"{r:g}", f"{m:g}", f"{metric_text(best, 'final')} / {metric_text(best, 'last5')}", m0_txt,
-                     ", ".join(f"M={float(metric_value(s, 'param:codec.m') or 0):g} ({_why(s)})" for s in out) or "—"])
+                     excluded or "—"])
         pub.append(f"R={r:g}: M={m:g} ({metric_text(best, 'final')} vs M=0 "
                    f"{metric_text(m0, 'final') if m0 and m0.usable else '—'})")
     if t.get("name") and pub:
