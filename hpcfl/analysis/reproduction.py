@@ -216,18 +216,34 @@ def _patterns(t: dict) -> list[str]:
 
 @dataclass
 class RunState:
-    """A manifest run and what is on disk: state, detail, the loaded run, differences from the manifest."""
+    """A manifest run and what is on disk: state, detail, the run's job, differences from the manifest.
+
+    The run file itself is loaded on first use of ``run`` and dropped by ``release()``, so a report
+    holds the files of one method at a time.
+    """
 
     spec: RunSpec
     path: Path
     state: str  # complete | diverged | missing | in progress | interrupted | failed | unreadable
     detail: str = ""
-    run: Run | None = None
+    job: dict | None = None  # the job the run file records
+    n_rounds: int = 0
     differs: list[str] = field(default_factory=list)
+    n_params: int | None = None
+    _run: Run | None = field(default=None, repr=False)
+
+    @property
+    def run(self) -> Run | None:
+        if self._run is None and self.job is not None:
+            self._run = load_run(self.path)
+        return self._run
+
+    def release(self) -> None:
+        self._run = None
 
     @property
     def usable(self) -> bool:
-        return self.state in USABLE and self.run is not None and self.run.n_rounds > 0
+        return self.state in USABLE and self.n_rounds > 0
 
     @property
     def needs_run(self) -> bool:
@@ -236,6 +252,25 @@ class RunState:
 
     def describe(self) -> str:
         return self.state + (f" ({self.detail})" if self.detail else "")
+
+
+def _peek(path: Path) -> tuple[str, dict, int, int | None]:
+    """(status, job, rounds written, parameters) of a run file, without loading its tables (UsageError if
+    it is not one)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            if "rounds" not in f or "schema_version" not in f.attrs:
+                raise UsageError(f"{path} is an HDF5 file but not an hpcfl run file")
+            status, job = f.attrs.get("status", ""), f.attrs.get("job_json", "{}")
+            n = int(f["rounds"].shape[0])
+            params = int(f.attrs["n_params"]) if "n_params" in f.attrs else None
+    except OSError as e:
+        raise UsageError(f"{path} is not a readable HDF5 run file: {e}") from None
+    status = status.decode() if isinstance(status, bytes) else str(status)
+    job = job.decode() if isinstance(job, bytes) else str(job)
+    return status, json.loads(job), n, params
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -248,8 +283,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def job_differences(spec: RunSpec, run: Run) -> list[str]:
-    """Job keys whose value in the run file differs from the manifest's job file + overrides.
+def job_differences(spec: RunSpec, job: dict) -> list[str]:
+    """Job keys whose value in the run file (``job``) differs from the manifest's job file + overrides.
 
     ``log.*`` and ``run.name`` are ignored, and so are keys the run file does not have (added to
     the schema after the run was made). A job file that no longer loads is reported as such.
@@ -261,7 +296,7 @@ def job_differences(spec: RunSpec, run: Run) -> list[str]:
         want = _flatten(load_job(spec.job, list(spec.sets)).to_dict())
     except (HpcflError, OSError) as e:
         return [f"job file does not load: {e}"]
-    have = _flatten(run.job)
+    have = _flatten(job)
     out = []
     for k in sorted(have):
         if k.startswith(_IGNORED_KEYS[0]) or k == _IGNORED_KEYS[1]:
@@ -274,31 +309,28 @@ def job_differences(spec: RunSpec, run: Run) -> list[str]:
 
 
 def resolve(spec: RunSpec, runs_dir: Path, now: float | None = None) -> RunState:
-    """Find and classify the run file of one manifest run (never raises for a bad file)."""
+    """Find and classify the run file of one manifest run (never raises for a bad file; loads no table)."""
     path = runs_dir / spec.out
     if not path.exists():
         return RunState(spec, path, "missing")
     try:
-        run = load_run(path)
+        status, job, n, params = _peek(path)
     except UsageError as e:
         return RunState(spec, path, "unreadable", str(e))
-    status = run.status
-    total = int(run.job.get("run", {}).get("rounds", 0) or 0)
-    done = f"{run.n_rounds} of {total} rounds"
+    total = int(job.get("run", {}).get("rounds", 0) or 0)
+    done = f"{n} of {total} rounds"
     if status == "complete":
-        st = RunState(spec, path, "complete", "", run)
+        state, detail = "complete", ""
     elif status.startswith("failed: NumericalFault"):
         m = re.search(r"in round (\d+)", status)
-        st = RunState(spec, path, "diverged", f"{done}: non-finite update" + (f" in round {m.group(1)}" if m else ""),
-                      run)
+        state, detail = "diverged", f"{done}: non-finite update" + (f" in round {m.group(1)}" if m else "")
     elif status == "running":
         age = (now if now is not None else time.time()) - path.stat().st_mtime
-        st = RunState(spec, path, "interrupted" if age > STALE_S else "in progress",
-                      f"{done}, file untouched for {age / 60:.0f} min" if age > STALE_S else done, run)
+        state = "interrupted" if age > STALE_S else "in progress"
+        detail = f"{done}, file untouched for {age / 60:.0f} min" if age > STALE_S else done
     else:
-        st = RunState(spec, path, "failed", f"{done}: {status.removeprefix('failed: ')}", run)
-    st.differs = job_differences(spec, run)
-    return st
+        state, detail = "failed", f"{done}: {status.removeprefix('failed: ')}"
+    return RunState(spec, path, state, detail, job, n, job_differences(spec, job), params)
 
 
 def resolve_runs(manifest: Manifest, runs_dir: str | os.PathLike) -> dict[tuple[str, str], RunState]:
@@ -499,7 +531,7 @@ def _status(s: RunState, _: dict) -> str:
     from hpcfl.results.compare import chance_accuracy
 
     text = s.describe()
-    f = _final(s, {}) if s.run is not None and s.run.n_rounds else None
+    f = _final(s, {}) if s.usable else None
     if s.state == "complete" and f is not None and f < chance_accuracy(s.run) + 0.02:
         text += ", ended at chance"
     return text
@@ -558,8 +590,8 @@ METRICS: dict[str, Metric] = {
 
 def param(s: RunState, key: str) -> Any:
     """A job value of a run ("codec.dim"), from the run file, else from the manifest's job."""
-    if s.run is not None:
-        v = _flatten(s.run.job).get(key)
+    if s.job is not None:
+        v = _flatten(s.job).get(key)
         if v is not None:
             return v
     try:
@@ -679,9 +711,9 @@ def _setup_rows(ctx: Context) -> list[list[str]]:
         by_job.setdefault(r.job, []).append(ctx.states[r.id])
     rows = []
     for job, states in by_job.items():
-        used = next((s for s in states if s.run is not None), None)
+        used = next((s for s in states if s.job is not None), None)
         try:
-            j = used.run.job if used else load_job(job, list(states[0].spec.sets)).to_dict()
+            j = used.job if used else load_job(job, list(states[0].spec.sets)).to_dict()
         except Exception as e:  # noqa: BLE001 - the row says why
             rows.append([f"`{job}`", str(len(states)), f"job does not load: {e}", "", "", "", "", ""])
             continue
@@ -699,7 +731,7 @@ def _setup_rows(ctx: Context) -> list[list[str]]:
             steps = (f"{tr.get('local_epochs'):g} epoch(s)" if tr.get("local_epochs") else
                      f"{tr.get('local_steps')} steps")
             how = f"FedAvg, {steps} of batch {tr.get('batch_size')}, lr {tr.get('lr')}"
-        params = used.run.attrs.get("n_params") if used else None
+        params = used.n_params if used else None
         model = str(mdl.get("name", "")) + (f" ({int(params):,} parameters)" if params else "")
         rows.append([f"`{job}`", str(len(states)), f"{d.get('dataset')}, {part}", model, f"{n} ({per} per round)",
                      how, f"SGD lr {sv.get('lr')}, momentum {sv.get('momentum')}", str(rn.get("rounds"))])
@@ -801,6 +833,8 @@ def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out:
         ctx = Context(m, {r.id: states[(m.key, r.id)] for r in m.runs}, img,
                       Path(os.path.relpath(img, out.parent)).as_posix(), values)
         sections.append(_method_section(ctx, i, manifest, runs, out.parent))
+        for s in ctx.states.values():
+            s.release()  # one method's run files in memory at a time
     all_states = list(states.values())
     present = [s for s in all_states if s.usable]
     absent = [s for s in all_states if not s.usable]
