@@ -237,7 +237,10 @@ def test_report_holds_measured_numbers_and_lists_missing_runs(setup):
 def test_generation_is_repeatable_and_picks_up_new_runs(setup):
     tmp, man, runs = setup
     out = tmp / "r.md"
+    (tmp / "img").mkdir()
+    (tmp / "img" / "old-figure.png").write_bytes(b"stale")
     first = rp.generate(man, runs, out, tmp / "img")
+    assert sorted(p.name for p in (tmp / "img").iterdir()) == ["alpha-acc.png", "alpha-xy.png"]  # stale one gone
     write_run(runs / "alpha/gone.h5", tmp / "job.toml", ["codec.ratio=0.25"], [0.7, 0.8], [10, 10])
     second = rp.generate(man, runs, out, tmp / "img")
     assert len(second["missing"]) == len(first["missing"]) - 1

@@ -819,6 +819,7 @@ def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out:
     """Write the report and its figures; returns {"present": [...], "missing": [...], "out": path}.
 
     Missing runs never fail the report: they are listed, and every cell that needs them reads "—".
+    The figure directory belongs to the report: PNGs in it that this generation did not draw are removed.
     """
     manifest = load_manifest(manifest_path)
     runs = Path(runs_dir)
@@ -828,13 +829,18 @@ def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out:
     out.parent.mkdir(parents=True, exist_ok=True)
     states = resolve_runs(manifest, runs)
     values: dict[str, str] = {}
+    drawn: set[str] = set()
     sections = []
     for i, m in enumerate(manifest.methods, 1):
         ctx = Context(m, {r.id: states[(m.key, r.id)] for r in m.runs}, img,
                       Path(os.path.relpath(img, out.parent)).as_posix(), values)
         sections.append(_method_section(ctx, i, manifest, runs, out.parent))
+        drawn.update(Path(link).name for link in ctx.figures.values())
         for s in ctx.states.values():
             s.release()  # one method's run files in memory at a time
+    for png in img.glob("*.png"):  # the directory belongs to the report: drop figures it no longer draws
+        if png.name not in drawn:
+            png.unlink()
     all_states = list(states.values())
     present = [s for s in all_states if s.usable]
     absent = [s for s in all_states if not s.usable]
