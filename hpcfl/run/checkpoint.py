@@ -29,7 +29,7 @@ import numpy as np
 from hpcfl.codecs import CodecState
 from hpcfl.errors import UsageError
 
-__all__ = ["ckpt_dir", "write_root", "write_rank", "latest", "read_root", "read_clients"]
+__all__ = ["ckpt_dir", "clear", "write_root", "write_rank", "latest", "read_root", "read_clients"]
 
 _ROOT = re.compile(r"root-k(\d+)\.h5$")
 _RANK = re.compile(r"rank(\d+)-k(\d+)\.h5$")
@@ -38,6 +38,23 @@ KEEP = 2
 
 def ckpt_dir(run_path: Path) -> Path:
     return run_path.with_name(run_path.name + ".ckpt")
+
+
+def clear(run_path: Path) -> int:
+    """Delete the checkpoints of an earlier run written to the same path (a fresh run with
+    ``--overwrite``): left in place they would be pruned in preference to the new run's own,
+    newer-numbered files, and ``--resume`` would find them. Returns the number of files removed."""
+    d = ckpt_dir(run_path)
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in d.iterdir():
+        if _ROOT.match(p.name) or _RANK.match(p.name) or ".h5.tmp" in p.name:
+            p.unlink(missing_ok=True)
+            n += 1
+    if not any(d.iterdir()):
+        d.rmdir()
+    return n
 
 
 def _write_state(g: h5py.Group, st: CodecState) -> None:

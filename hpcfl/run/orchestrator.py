@@ -125,6 +125,9 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         log = RunLog(out, attrs=attrs, n_clients=job.data.n_clients, n_ranks=tr.size, meta=meta,
                      overwrite=overwrite or job.log.overwrite, update_dims=s.update_dims(),
                      calibration=calibration)
+        from hpcfl.run import checkpoint
+
+        checkpoint.clear(out)  # before round 0's token: no worker writes a checkpoint until after it
     with log:
         what = f"resuming after round {resume_k}: " if resume_k is not None else ""
         progress.start(f"{what}{job.run.rounds} rounds, {job.data.n_clients} clients on {tr.n_workers} worker "

@@ -58,7 +58,12 @@ def test_resume_refusals(tmp_path, stateful_job):
     stateful_job["run"]["rounds"] = 2
     jp = write_job(tmp_path / "job.toml", stateful_job)
     out = tmp_path / "nock.h5"
+    stale = tmp_path / "nock.h5.ckpt"  # an earlier run's checkpoints at the same path: a fresh run drops them
+    stale.mkdir()
+    for name in ("root-k000099.h5", "rank0001-k000099.h5", "rank0002-k000099.h5"):
+        (stale / name).write_bytes(b"stale")
     assert run_hpcfl(["run", str(jp), "--out", str(out)]).returncode == 0
+    assert not stale.exists()
     r = run_hpcfl(["run", "--resume", str(out)])
     assert r.returncode == 2 and "no checkpoints" in r.stderr
     r = run_hpcfl(["run", "--resume", str(out), "--set", "train.lr=0.5"])
