@@ -149,9 +149,25 @@ def _self_launch(args) -> int:
     finally:
         Path(note).unlink(missing_ok=True)
     if rc != 0:
-        print(f"hpcfl run: the MPI job exited with code {rc}; completed rounds are in {out}"
-              if out.exists() else f"hpcfl run: the MPI job exited with code {rc}", file=sys.stderr)
+        # the failing rank's own lines can be lost while MPI_Abort tears the job down: repeat the
+        # reason recorded in the file, so this last line always says what happened
+        status, done = _file_status(out)
+        print(f"hpcfl run: {status or f'the MPI job exited with code {rc}'}"
+              + (f"; {done} completed rounds are in {out}" if done is not None else ""), file=sys.stderr)
     return rc
+
+
+def _file_status(out: Path) -> tuple[str | None, int | None]:
+    """(status, rounds done) of a run file, or (None, None) if there is none or it is unreadable."""
+    if not out.exists():
+        return None, None
+    try:
+        import h5py
+
+        with h5py.File(out, "r") as f:
+            return str(f.attrs.get("status", "")) or None, int(f.attrs.get("rounds_done", 0))
+    except (OSError, KeyError, ValueError):
+        return None, None
 
 
 def _check_writable(out: Path) -> None:
@@ -175,6 +191,15 @@ def _mark_failed(out, rc: int, note: Path | None = None) -> None:
         first = note.read_text(errors="replace").splitlines()[0].strip() if note else ""
     except (OSError, IndexError):
         first = ""
+    if not first and rc in (9, 137, -9) and Path(out).exists():
+        from hpcfl.results.repair import clear_status_flags
+
+        clear_status_flags(out)  # the dead writer left HDF5's "open for writing" flag set
+        # no rank left a reason: one was killed outright. Hydra's "BAD TERMINATION ... PID" names
+        # whichever process it reaped first, not the killed one, so no rank is named here.
+        _, done = _file_status(out)
+        first = (f"a rank was killed by SIGKILL during round {done} (out of memory, scancel or a node "
+                 "failure?); the MPI launcher does not say which rank" if done is not None else "")
     mark_failed(out, f"{reason}; {first}"[:900] if first else reason)
 
 

@@ -39,6 +39,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stateful_job):
     assert r.returncode != 0 and time.monotonic() - t < 60
     run = load_run(cut)
     assert run.n_rounds == 4 and run.status.startswith("failed")
+    assert "killed by SIGKILL during round 4" in run.status, run.status  # the round, even with no rank's word
+    assert r.stderr.rstrip().splitlines()[-1].startswith("hpcfl run: failed: MPI job exited with code 9; a rank")
     r = run_hpcfl(["run", "--resume", str(cut)])
     assert r.returncode == 0, r.stderr
     resumed = load_run(cut)

@@ -133,6 +133,8 @@ def test_failing_client_ends_job_and_keeps_rounds(tmp_path, tiny_job):
     assert r.returncode != 0
     assert time.monotonic() - t < 60
     assert "injected fault" in r.stderr and "rank 2" in r.stderr
+    # the launcher's last line repeats the file's reason, even if the rank's own lines were lost in the abort
+    assert "rank 2: InjectedFault" in r.stderr.rstrip().splitlines()[-1]
     run = load_run(out)
     assert run.n_rounds == 2  # rounds 0 and 1 completed
     assert run.status.startswith("failed")
