@@ -70,8 +70,8 @@ LBGM_GROUPS = [
     ("cnn2, IID", ["iid-vanilla", "iid-d0.2", "iid-d0.4", "iid-d0.6", "iid-d0.8"]),
     ("logreg (the code's FCN), non-IID", ["logreg-vanilla", "logreg-d0.2", "logreg-d0.4", "logreg-d0.6",
                                           "logreg-d0.8"]),
-    ("cnn2 non-IID: per tensor vs whole model", ["noniid-d0.2", "noniid-model-d0.2", "noniid-d0.6",
-                                                 "noniid-model-d0.6"]),
+    ("cnn2 non-IID: per tensor vs whole model", [f"noniid-{s}d{d}" for d in ("0.2", "0.4", "0.6", "0.8")
+                                                 for s in ("", "model-")]),
     ("cnn2 non-IID: the code's residual (--residual 1)", ["noniid-d0.2", "noniid-lbgm_ef-d0.2"]),
     ("cnn2 non-IID: paper's update (tau = 5 local steps, accumulated)",
      ["tau5-vanilla", "tau5-d0.2", "tau5-d0.4", "tau5-d0.6", "tau5-d0.8"]),
