@@ -75,3 +75,31 @@ def test_timevarying_bytes_and_downlink_protocol(tmp_path, tiny_job):
     assert np.array_equal(sub, rounds // period)
     share = run.codec_stat("zshare")[part]
     assert (share > 0).all() and (share < 0.5).all()  # d / D' ~ 0.1
+
+
+@pytest.mark.parametrize("codec,per_client_down", [
+    ({"id": "igc", "dim": 100, "variant": "static"}, lambda d, k: 4 * d),
+    ({"id": "igc", "dim": 100, "variant": "ksubspace", "k": 3, "assign": "client"}, lambda d, k: 4 * k * d),
+], ids=["static", "ksubspace"])
+def test_static_and_ksubspace_bytes_in_a_run(tmp_path, tiny_job, codec, per_client_down):
+    """Upload 4d payload (+ the 64-byte one-slot header) per participating client; download 4d (static)
+    or 4Kd (K-subspace), logged per participating client and summed per round; nothing for the others.
+    The subspace a client projected onto is the one both sides derive from (seed, round, client)."""
+    from hpcfl.codecs.methods.igc import IGC
+
+    d = codec["dim"]
+    run = _run(tmp_path, codec["variant"], _job(tiny_job, codec))
+    part = run.clients["participated"].astype(bool)
+    assert part.any() and (~part).any()
+    assert (run.clients["payload_bytes"][part] == 4 * d).all()
+    assert (run.clients["message_bytes"][part] == 4 * d + 64).all()
+    assert (run.clients["downlink_bytes"][part] == per_client_down(d, codec.get("k", 1))).all()
+    assert (run.clients["downlink_bytes"][~part] == 0).all()
+    assert (run.rounds["downlink_bytes"] == run.clients["downlink_bytes"].sum(axis=1)).all()
+    assert (run.rounds["downlink_bytes"] == part.sum(axis=1) * per_client_down(d, codec.get("k", 1))).all()
+    igc = IGC(**{k: v for k, v in codec.items() if k != "id"})
+    rounds, clients = np.nonzero(part)
+    want = [igc.subspace(int(r), int(c), tiny_job["run"]["seed"]) for r, c in zip(rounds, clients)]
+    assert np.array_equal(run.codec_stat("subspace")[part][:, 0], want)
+    if codec["variant"] == "ksubspace":
+        assert len(set(want)) > 1  # the client assignment really varies

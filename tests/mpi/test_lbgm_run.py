@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hpcfl.results import load_run
+from hpcfl.run import checkpoint
 from tests.conftest import needs_mpiexec, run_hpcfl, write_job
 
 pytestmark = [pytest.mark.mpi, needs_mpiexec]
@@ -15,11 +16,11 @@ pytestmark = [pytest.mark.mpi, needs_mpiexec]
 N_PARAMS = 650  # logreg on digits: fc.weight 10x64 + fc.bias 10
 
 
-def lbgm_job(codec: dict, routing: dict | None = None, **log) -> dict:
+def lbgm_job(codec: dict, routing: dict | None = None, rounds: int = 8, **log) -> dict:
     """Digits logreg, 6 clients with 3 classes each (LBGM's split), half sampled per round, the authors'
     update type (one full-batch gradient per round), server momentum 0.9."""
     return {
-        "run": {"name": "lbgm", "ranks": 3, "rounds": 8, "seed": 7},
+        "run": {"name": "lbgm", "ranks": 3, "rounds": rounds, "seed": 7},
         "data": {"dataset": "digits", "n_clients": 6, "partition": "shards", "classes_per_client": 3},
         "model": {"name": "logreg"},
         "train": {"algorithm": "fedsgd", "full_batch": True, "client_fraction": 0.5},
@@ -32,11 +33,12 @@ def lbgm_job(codec: dict, routing: dict | None = None, **log) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Three runs, made once: identity and lbgm{delta = 0} in whole-model mode, per-tensor lbgm{0.6}."""
+    """Three runs, made once: identity and lbgm{delta = 0} in whole-model mode, per-tensor lbgm{0.6}
+    (30 rounds: many full and recycled rounds per client, with rounds sat out in between)."""
     tmp = tmp_path_factory.mktemp("lbgm")
     jobs = {"vanilla": lbgm_job({"id": "identity"}, {"scope": "model"}),
             "lbgm0": lbgm_job({"id": "lbgm", "delta": 0.0}, {"scope": "model"}),
-            "lbgm": lbgm_job({"id": "lbgm", "delta": 0.6}, save_updates=3)}
+            "lbgm": lbgm_job({"id": "lbgm", "delta": 0.6}, rounds=30, save_updates=3)}
     out = {}
     for name, job in jobs.items():
         path = tmp / f"{name}.h5"
@@ -98,6 +100,27 @@ def test_recycling_logged_and_analysed(runs):
     total = run.clients["payload_bytes"].sum() / 4 / run.clients["payload_bytes"].shape[1]
     assert s["cum_floats_per_client"] == pytest.approx(total)
     assert 0 < s["mean_recycled_fraction"] < 1 and 0 < s["floats_saved"] < 1
+
+
+def test_client_and_root_lookback_state_identical_after_many_rounds(runs):
+    """After the last round, every client's look-back gradients on its worker rank and the root's copy
+    for that client are bit-identical (state digests from the final checkpoint, written by different
+    processes), although both paths ran many times and clients sat rounds out."""
+    out, run = runs["lbgm"]
+    part = run.clients["participated"].astype(bool)
+    rec = run.codec_stat("recycled")
+    assert run.n_rounds == 30 and (part.sum(axis=0) >= 5).all()
+    k = checkpoint.latest(out)
+    assert k == run.n_rounds
+    root = checkpoint.read_root(out, k)["states"]
+    clients = checkpoint.read_clients(out, k, set(root))
+    assert sorted(root) == sorted(clients) == list(range(6))
+    for c in range(6):
+        assert (rec[part[:, c], c] == 1).any() and (rec[part[:, c], c] == 0).sum() > 1, c  # both paths, repeatedly
+        assert root[c].nbytes("shared") == clients[c].nbytes("shared") == 4 * N_PARAMS
+        assert root[c].digest("shared") == clients[c].digest("shared"), c
+    # the digests really depend on the look-back gradients: two clients with different data differ
+    assert len({root[c].digest("shared") for c in range(6)}) == 6
 
 
 def test_analyze_without_updates_exits_2(runs, tmp_path):
