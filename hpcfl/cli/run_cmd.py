@@ -81,7 +81,23 @@ def _resume_job(args):
     run = load_run(args.resume)
     raw = json.loads(run.attrs["job_json"])
     raw["run"]["ranks"] = int(run.attrs.get("world_size", raw["run"]["ranks"]))
-    return job_from_dict(apply_overrides(raw, args.set), args.resume)
+    job = job_from_dict(apply_overrides(raw, args.set), args.resume)
+    _check_checkpoint_job(Path(args.resume), job, str(run.attrs.get("hpcfl_version", "?")))
+    return job
+
+
+def _check_checkpoint_job(out: Path, job, file_version: str) -> None:
+    """Refuse, before any rank starts, a checkpoint whose job differs from the run file's job as this
+    hpcfl reads it (a job key added or changed since the file was written changes the job)."""
+    from hpcfl.run import checkpoint
+    from hpcfl.run.provenance import versions
+
+    k = checkpoint.latest(out)
+    written = checkpoint.root_job_hash(out, k)
+    if written != job.hash_without_rounds:
+        raise UsageError(f"{out}: checkpoint after round {k} belongs to job {written}, but the run file's job "
+                         f"reads as {job.hash_without_rounds} under hpcfl {versions()['hpcfl']} (the file was "
+                         f"written by hpcfl {file_version}); resume with the hpcfl version that wrote it")
 
 
 def _validate(args) -> int:

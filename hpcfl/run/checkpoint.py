@@ -29,7 +29,7 @@ import numpy as np
 from hpcfl.codecs import CodecState
 from hpcfl.errors import UsageError
 
-__all__ = ["ckpt_dir", "clear", "write_root", "write_rank", "latest", "read_root", "read_clients"]
+__all__ = ["ckpt_dir", "clear", "root_job_hash", "write_root", "write_rank", "latest", "read_root", "read_clients"]
 
 _ROOT = re.compile(r"root-k(\d+)\.h5$")
 _RANK = re.compile(r"rank(\d+)-k(\d+)\.h5$")
@@ -136,6 +136,12 @@ def latest(run_path: Path) -> int:
         if all((d / f"rank{w:04d}-k{k:06d}.h5").exists() for w in range(1, workers + 1)):
             return k
     raise UsageError(f"no complete checkpoint in {d}: every rank's file of one round is needed")
+
+
+def root_job_hash(run_path: Path, k: int) -> str:
+    """The job hash (without rounds) recorded in checkpoint k, without reading the state."""
+    with h5py.File(ckpt_dir(run_path) / f"root-k{k:06d}.h5", "r") as f:
+        return str(f.attrs["job_hash"])
 
 
 def read_root(run_path: Path, k: int) -> dict:

@@ -13,7 +13,7 @@ from hpcfl.codecs import CodecState
 from hpcfl.codecs.update import GlobalView
 from hpcfl.comm.transport import Transport
 from hpcfl.errors import WireFormatError
-from hpcfl.errors import NumericalFault
+from hpcfl.errors import NumericalFault, UsageError
 from hpcfl.fl.evaluate import evaluate
 from hpcfl.fl.link import links_for_job
 from hpcfl.fl.sampling import host_rank, sample_clients
@@ -73,7 +73,8 @@ class Root:
     def _restore(self, k: int) -> None:
         ck = checkpoint.read_root(self.log.path, k)
         if ck["job_hash"] != self.job.hash_without_rounds:
-            raise RuntimeError("the checkpoint was written by a different job")
+            raise UsageError(f"{self.log.path}: checkpoint after round {k} was written by another job "
+                             f"({ck['job_hash']}, this one is {self.job.hash_without_rounds})")
         self.theta.copy_(torch.from_numpy(ck["theta"]))
         self.opt.velocity = None if ck["velocity"] is None else torch.from_numpy(ck["velocity"])
         self.prev = None if ck["prev"] is None else torch.from_numpy(ck["prev"])

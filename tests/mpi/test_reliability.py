@@ -72,6 +72,16 @@ def test_resume_refusals(tmp_path, stateful_job):
     assert r.returncode == 2 and "train.lr" in r.stderr
     r = run_hpcfl(["run", "--resume", str(tmp_path / "missing.h5")])
     assert r.returncode == 2
+    # a checkpoint of another job (or of a job schema this hpcfl reads differently) is refused before launch
+    import h5py
+
+    stale.mkdir()
+    with h5py.File(stale / "root-k000001.h5", "w") as f:
+        f.attrs.update(job_hash="deadbeef", world_size=3, rounds_done=1)
+    for w in (1, 2):
+        (stale / f"rank{w:04d}-k000001.h5").write_bytes(b"")
+    r = run_hpcfl(["run", "--resume", str(out)])
+    assert r.returncode == 2 and "belongs to job deadbeef" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("who, expect", [
