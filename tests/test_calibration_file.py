@@ -76,3 +76,26 @@ def test_absent_and_nan(tmp_path):
     assert "network" not in format_summary(summarize(run))
     line = format_calibration({"latency_s": math.nan, "elapsed_s": 0.1, "peers": 0})
     assert "latency -" in line
+
+
+def test_set_round_value_fresh_and_resumed(tmp_path):
+    """The writer keeps the last /rounds row in memory for set_round_value (no read-back); after a
+    resume it reads that row once."""
+    p = tmp_path / "r.h5"
+    with RunLog(p, attrs={"job_json": "{}"}, n_clients=2, n_ranks=3) as log:
+        for r in range(2):
+            log.append_round({"round": r, "round_s": 0.1 * (r + 1), "uplink_bytes": 10 + r},
+                             {"participated": np.array([1, 0], np.uint8)}, {"compute_s": np.ones(3)})
+            log.set_round_value("log_s", 0.01 * (r + 1))
+            log.set_round_value("ckpt_s", 0.5)
+        assert log.last_value("log_s") == 0.02
+    with RunLog.resume(p, 1) as log:
+        log.set_round_value("ckpt_s", 0.25)  # round 0's row, read back once
+        log.append_round({"round": 1, "round_s": 0.3}, {}, {})
+        log.set_round_value("log_s", 0.03)
+    run = load_run(p)
+    assert run.rounds["round"].tolist() == [0, 1] and run.rounds["uplink_bytes"].tolist() == [10, 0]
+    np.testing.assert_array_equal(run.rounds["log_s"], [0.01, 0.03])
+    np.testing.assert_array_equal(run.rounds["ckpt_s"], [0.25, np.nan])  # not set: the fill value
+    np.testing.assert_array_equal(run.rounds["round_s"], [0.1, 0.3])
+    assert run.clients["participated"].tolist() == [[1, 0], [0, 0]] and run.ranks["compute_s"][0].tolist() == [1] * 3

@@ -2,8 +2,12 @@
 
 Three append-only tables of compound rows — ``/rounds`` (R,), ``/clients``
 (R, C) and ``/ranks`` (R, W) — so a round costs three resize-and-write calls
-(about 0.5 ms) instead of one per metric (4-14 ms measured with 45 columnar
-datasets on a busy 2-core node). All objects are created before round 0 and
+instead of one per metric (4-14 ms measured with 45 columnar datasets on a busy
+2-core node). Rows go through h5py's low-level write with the memory type built
+once per dtype: ``Dataset.__setitem__`` rebuilds the compound type on every call
+(about 80 of the 130 us a row took), and reading a row back costs as much, so the
+last /rounds row is kept in memory for :meth:`RunLog.set_round_value`
+(docs/mpi-performance.md). All objects are created before round 0 and
 the file is then switched to SWMR mode: later writes only append rows, so a
 job killed at any moment leaves a readable file with every completed round,
 and a reader can follow a live run (``h5py.File(p, "r", swmr=True)``).
@@ -19,6 +23,7 @@ from typing import Any, Mapping
 
 import h5py
 import numpy as np
+from h5py import h5s, h5t
 
 from hpcfl.errors import ResultsWriteError, UsageError
 from hpcfl.results.schema import (CALIBRATION_ATTRS, CALIBRATION_FIELDS, CLIENT_METRICS, CODEC_STAT_FIELDS,
@@ -32,6 +37,20 @@ __all__ = ["RunLog", "table_dtype", "STAT_DTYPE", "write_calibration"]
 
 def table_dtype(metrics: tuple[Metric, ...]) -> np.dtype:
     return np.dtype([(m.name, m.dtype) for m in metrics])
+
+
+_MTYPES: dict[np.dtype, h5t.TypeID] = {}
+
+
+def _write_rows(d: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (shape (n,) + the table's row shape) at index ``start`` of axis 0."""
+    rows = np.ascontiguousarray(rows)
+    mt = _MTYPES.get(rows.dtype)
+    if mt is None:
+        mt = _MTYPES[rows.dtype] = h5t.py_create(rows.dtype)
+    fs = d.id.get_space()
+    fs.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
+    d.id.write(h5s.create_simple(rows.shape), fs, rows, mt)
 
 
 def write_calibration(f: h5py.File, cal: Mapping[str, Any], rounds_done: int = 0) -> h5py.Group:
@@ -84,6 +103,7 @@ class RunLog:
         except FileExistsError:
             raise UsageError(f"{self.path} exists; pass --overwrite or choose another --out") from None
         self.rounds = 0
+        self._last_row: np.ndarray | None = None  # the last /rounds row written, for set_round_value
         f = self.f
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -158,6 +178,7 @@ class RunLog:
             idx.resize((keep,))
             self._updates["vectors"].resize((keep, self._updates["vectors"].shape[1]))
         self.rounds = rounds_done
+        self._last_row = None
         history = json.loads(f.attrs.get("resumes_json", "[]"))
         history.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds_done": rounds_done,
                         "previous_status": str(f.attrs.get("status", ""))})
@@ -204,7 +225,7 @@ class RunLog:
             d = self.f["codec_stats"]
             n0 = d.shape[0]
             d.resize((n0 + len(rows),))
-            d[n0:] = rows
+            _write_rows(d, n0, rows)
         if updates is not None and self._updates is not None and len(updates[0]):
             ids, vec = updates
             idx, v = self._updates["index"], self._updates["vectors"]
@@ -219,7 +240,9 @@ class RunLog:
             for k, v in values.items():
                 row[k] = v
             d.resize((r + 1,) + width)
-            d[r] = row
+            _write_rows(d, r, row.reshape((1,) + width))
+            if name == "rounds":
+                self._last_row = row
         self.rounds = r + 1
         self.f.attrs["rounds_done"] = self.rounds
         self.f.flush()
@@ -227,9 +250,10 @@ class RunLog:
     def set_round_value(self, metric: str, value: float) -> None:
         """Fill one field of the last round (log_s is known only after writing)."""
         d = self._tables["rounds"][0]
-        row = d[self.rounds - 1]
-        row[metric] = value
-        d[self.rounds - 1] = row
+        if self._last_row is None:  # resumed, nothing appended yet
+            self._last_row = d[self.rounds - 1:self.rounds].reshape(())
+        self._last_row[metric] = value
+        _write_rows(d, self.rounds - 1, self._last_row.reshape(1))
         self.f.flush()
 
     def close(self, status: str = "complete") -> None:

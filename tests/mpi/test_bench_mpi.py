@@ -98,10 +98,12 @@ def test_bench_round_json_and_h5(tmp_path):
         assert x["wire_bytes"] > x["message_bytes"] > 0  # frame headers
         for k in ("gather_vs_bare", "gather_vs_bare_best", "gather_MBps", "bare_MBps", "effective_MBps",
                   "raw_gather_MBps", "bare_raw_MBps", "speedup_vs_raw", "encode_median_s", "decode_median_s",
-                  "gather_median_s", "bare_median_s", "root_transfer_median_s"):
+                  "gather_median_s", "bare_median_s", "root_transfer_median_s", "framed_median_s", "framed_vs_bare"):
             assert _finite_pos(x[k]), (k, x[k])
         assert x["gather_min_s"] <= x["gather_median_s"] <= x["gather_max_s"]
         assert x["bare_min_s"] <= x["bare_median_s"] <= x["bare_max_s"]
+        # framing (workers' pack, root's unpack) is timed apart from the gather and added back in framed_*
+        assert x["framed_min_s"] >= x["gather_min_s"] and x["framed_vs_bare"] <= x["gather_vs_bare"]
         assert 2 <= x["gathers"] <= 2 * 3 and x["repeat"] == 2
         # the ratio is the bandwidth ratio: same bytes, so bare time / hpcfl time
         assert x["gather_vs_bare"] == pytest.approx(x["gather_MBps"] / x["bare_MBps"])
