@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hpcfl.bench import bench_codecs, breakeven, make_tensor, matrix_shape, resolve_specs
-from hpcfl.bench.codecs import all_specs, errors
+from hpcfl.bench.codecs import all_specs, errors, routing_for
 from hpcfl.cli import main
 from hpcfl.errors import ConfigError
 
@@ -108,6 +108,9 @@ def test_specs():
     labels = [lbl for lbl, _ in all_specs()]
     assert {"identity", "fp16", "topk", "topk_ef", "zstd"} <= set(labels)
     assert not {"ef", "pipeline", "flatten", "matrix"} & set(labels)
+    assert {"sz3", "zfp", "falcom", "mwq", "altspace", "lbgm", "igc"} <= set(labels)  # lbgm: wrapper, inner identity
+    assert routing_for({"id": "igc"}) == {"scope": "model"}  # igc codes the whole model
+    assert routing_for({"id": "topk"}) == routing_for({"id": "lbgm"}) == {"scope": "tensor"}
     assert resolve_specs([{"id": "topk", "ratio": 0.001}])[0][0] == "topk(ratio=0.001)"
     with pytest.raises(ConfigError, match=r"codecs\[1\]"):
         resolve_specs(["fp16", "nope"])

@@ -30,7 +30,7 @@ from hpcfl.bench.data import make_tensor, matrix_shape
 from hpcfl.bench.timing import Stats, pick_number, time_calls
 
 __all__ = ["DEFAULT_SIZES", "TOPK_BASELINE_RATIO", "all_specs", "resolve_specs", "bench_codecs", "breakeven",
-           "errors"]
+           "errors", "routing_for"]
 
 DEFAULT_SIZES = (1024, 65536, 1048576, 16777216)
 TOPK_BASELINE_RATIO = 0.01
@@ -39,12 +39,35 @@ _ROUTING = {"scope": "tensor"}
 Spec = tuple[str, dict]  # (label, codec config)
 
 
-def all_specs() -> list[Spec]:
-    """Every codec that runs on its own with default parameters, then every recipe."""
-    from hpcfl.codecs import codec_classes, recipes
+def routing_for(cfg: Mapping) -> dict:
+    """``routing.scope = "tensor"``, or the scope the codec requires (igc codes the whole model: "model";
+    with the benchmarks' single tensor both scopes code the same numbers, the model scope flattened)."""
+    from hpcfl.codecs import get_codec
 
-    out = [(cid, {"id": cid}) for cid, cls in sorted(codec_classes().items())
-           if cls.kind in ("encoder", "bytes")]
+    return {"scope": get_codec(dict(cfg)).required_scope or _ROUTING["scope"]}
+
+
+def all_specs() -> list[Spec]:
+    """Every codec that runs on its own with default parameters, then every recipe.
+
+    Encoders and byte codecs, plus wrappers whose defaults name an inner codec (``lbgm``
+    wraps ``identity``; ``ef`` has no default inner codec and appears through recipes).
+    """
+    from hpcfl.codecs import codec_classes, get_codec, recipes
+    from hpcfl.errors import ConfigError
+
+    def runs_alone(cid: str, kind: str) -> bool:
+        if kind in ("encoder", "bytes"):
+            return True
+        if kind != "wrapper":
+            return False
+        try:
+            get_codec({"id": cid})
+        except ConfigError:
+            return False
+        return True
+
+    out = [(cid, {"id": cid}) for cid, cls in sorted(codec_classes().items()) if runs_alone(cid, cls.kind)]
     return out + [(name, {"id": name}) for name in sorted(recipes())]
 
 
@@ -72,7 +95,7 @@ def resolve_specs(items: Iterable[str | Mapping]) -> list[Spec]:
         get_codec(cfg, key=f"codecs[{i}]")  # names the bad entry
         out.append((_label(cfg), cfg))
     for _, cfg in out:
-        UpdateCodec(cfg, _ROUTING, [("x", (4, 4))])  # transforms and other misfits
+        UpdateCodec(cfg, routing_for(cfg), [("x", (4, 4))])  # transforms and other misfits
     return out
 
 
@@ -237,7 +260,7 @@ def bench_codecs(specs: Sequence[str | Mapping] | Sequence[Spec], sizes: Sequenc
                     emit(_record("torch.topk", "baseline", {"id": "torch.topk", "ratio": TOPK_BASELINE_RATIO},
                                  data, a, es, ds, y.reshape(a.shape), nb, nb, memcpy, clone))
             for label, cfg in resolved:
-                uc = UpdateCodec(cfg, _ROUTING, [("x", matrix_shape(int(n)))])
+                uc = UpdateCodec(cfg, routing_for(cfg), [("x", matrix_shape(int(n)))])
                 es, ds, y, nb, payload = _timed_rounds(uc, x, repeat, warmup)
                 emit(_record(label, "codec", uc.codec.get_config(), data, a, es, ds, y, nb, payload,
                              memcpy, clone))

@@ -61,7 +61,6 @@ __all__ = ["DEFAULT_CODECS", "DEFAULT_SIZES", "bench_round", "bare_gatherv"]
 
 DEFAULT_CODECS = ("identity", "fp16", "topk_ef", "qsgd_zstd")
 DEFAULT_SIZES = tuple(1024 * 4 ** i for i in range(8))  # 1 KiB .. 16 MiB raw per client
-_ROUTING = {"scope": "tensor"}
 
 
 def _idle_barrier(comm: MPI.Comm) -> None:
@@ -166,6 +165,7 @@ def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Seq
     """
     import torch
 
+    from hpcfl.bench.codecs import routing_for
     from hpcfl.bench.data import make_tensor, matrix_shape
     from hpcfl.codecs import CodecState, UpdateCodec
     from hpcfl.comm.frames import pack_frames
@@ -198,7 +198,7 @@ def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Seq
             raw_t = _bare_raw(comm, raw, budget / 3, max_gathers * repeat)
             del raw
             for label, cfg in specs:
-                uc = UpdateCodec(cfg, _ROUTING, [("x", shape)], seed=seed)
+                uc = UpdateCodec(cfg, routing_for(cfg), [("x", shape)], seed=seed)
                 enc_states = {c: CodecState() for c in mine}
                 dec_states = {c: CodecState() for c in range(W * cpr)} if rank == 0 else {}
                 enc_s, dec_s, hp, bare = [], [], [], []
