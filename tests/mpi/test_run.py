@@ -176,7 +176,9 @@ def test_link_model_and_pace(tmp_path, tiny_job):
     busy = run.ranks["n_clients"][:, 1:] > 0
     assert (run.ranks["pace_s"][:, 1:][busy] > 0.1).all() and (run.ranks["pace_s"][:, 1:][~busy] == 0).all()
     assert (run.rounds["round_s"] > run.ranks["pace_s"].max(axis=1)).all()
-    assert np.median(model_round_s) < run.rounds["round_s"].min()  # only pace mode slows the run
+    # only pace mode slows the run: its fastest round is slower than model mode's fastest (the median of
+    # two rounds would include round 0's warm-up, 0.27 s once in CI, above pace mode's 0.14 s rounds)
+    assert model_round_s.min() + 0.05 < run.rounds["round_s"].min()
 
 
 def test_nonfinite_update_policies(tmp_path, tiny_job):
