@@ -214,6 +214,7 @@ def bench_round(comm: MPI.Comm, specs: Sequence[tuple[str, Mapping]], sizes: Seq
                     # the bare variant sends the same bytes the hpcfl path frames (untimed here)
                     chunk = pack_frames(msgs) if rank > 0 else np.zeros(0, dtype=np.uint8)
                     counts, displs = _counts(comm, chunk.size)
+                    tr.sync_inline()  # a run agrees on the inline slot through the round token (untimed here too)
                     brecv = aligned_buffer(int(counts.sum()), fill=0) if rank == 0 else None
                     frames = None
                     for k in range(K):

@@ -54,7 +54,15 @@ from hpcfl.errors import RankTimeout
 __all__ = ["Transport", "Pending"]
 
 ROOT = 0
-_TAG_SIZES = 7301  # the per-round sizes, worker -> root (point to point, so a missing rank can be named)
+_TAG_SIZES = 7301  # a worker's slot (size, info, first bytes), worker -> root, point to point (a missing rank is named)
+_TAG_REST = 7302   # the rest of a chunk longer than the slot
+# Largest slot payload. Inline bytes are copied on both sides; above ~64 KiB per worker the copies cost
+# more than the second message saves, so larger chunks go whole in the second message (inline = 0).
+MAX_INLINE = 64 << 10
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 class _Deadline:
@@ -163,8 +171,12 @@ class Transport:
         self.poll = poll_interval
         self.timeout = timeout
         self.round = -1  # the round of the last broadcast token, for the watchdog's messages
-        self._token = np.zeros(2, dtype=np.int64)
-        self._recv_pool = _RecvPool(recv_buffers)
+        self._token = np.zeros(3, dtype=np.int64)  # round, model size, inline bytes of the coming gather
+        self._recv_pool = _RecvPool(recv_buffers)      # the root's receive buffers for whole slots
+        self._rest_pool = _RecvPool(recv_buffers)      # ... and for the rest of chunks longer than a slot
+        self._send = np.zeros(0, dtype=np.uint8)       # a worker's slot buffer (reused: sends complete in the call)
+        self.inline = 0        # bytes of chunk that travel inside the size message (agreed through the token)
+        self._next_inline = 0  # the root's choice for the next token, from the sizes it just saw
 
     @property
     def is_root(self) -> bool:
@@ -193,7 +205,7 @@ class Transport:
         """
         t0 = MPI.Wtime()
         if self.is_root:
-            self._token[:] = (round, flat.size)
+            self._token[:] = (round, flat.size, self._next_inline)
         self.round = round
         _wait_idle(self.comm.Ibcast([self._token, MPI.INT64_T], root=ROOT), self.poll,
                    self._deadline(lambda: f"rank {self.rank} waited run.timeout = {self.timeout:g} s for the root "
@@ -202,58 +214,90 @@ class Transport:
             raise RuntimeError(f"rank {self.rank}: root is in round {int(self._token[0])} with "
                                f"{int(self._token[1])} parameters; this rank expected round {round} "
                                f"with {flat.size}")
+        self.inline = int(self._token[2])
         t1 = MPI.Wtime()
         _wait_transfer(self.comm.Ibcast([flat, MPI.FLOAT], root=ROOT), self.poll,
                        self._deadline(self._hung("the model broadcast")))
         return t1 - t0, MPI.Wtime() - t1
 
+    def sync_inline(self) -> None:
+        """Agree on the root's current inline size outside a model broadcast (benchmarks); a run
+        agrees on it through the round token at no cost."""
+        tok = np.array([self._next_inline], dtype=np.int64)
+        _wait_idle(self.comm.Ibcast([tok, MPI.INT64_T], root=ROOT), self.poll, self._deadline(self._hung("sync")))
+        self.inline = int(tok[0])
+
     def gather_bytes(self, chunk: np.ndarray | None, info: np.ndarray
                      ) -> tuple[list[np.ndarray] | None, np.ndarray | None, float, float]:
         """Gather one uint8 chunk per worker, plus a fixed-length float64 ``info`` vector
-        per rank that rides along with the sizes (no extra collective).
+        per rank that rides along with the sizes (no extra message).
 
-        Returns ``(chunks, infos, wait_s, transfer_s)``. On the root ``chunks[w-1]``
-        is worker ``w``'s chunk (a view into one buffer that nothing else refers to), ``infos[r]`` rank r's
-        info, ``wait_s`` the time until every size was known (waiting for the slowest
-        worker) and ``transfer_s`` the Gatherv. Workers get ``(None, None, ...)``.
+        One point-to-point message per worker carries its size, its info and the first
+        ``inline`` bytes of its chunk (a *slot*); only a chunk longer than that sends the rest
+        in a second message, received once every size is known. ``inline`` is the root's
+        choice from the previous gather (1.25 x the largest chunk if that is at most ``MAX_INLINE``, else 0),
+        agreed through the round token, so in steady state a small gather is one message per
+        worker, like a bare ``Gatherv`` whose counts are known in advance.
+
+        Returns ``(chunks, infos, wait_s, transfer_s)``. On the root ``chunks[w-1]`` is worker
+        ``w``'s chunk (a view into a buffer that nothing else refers to), ``infos[r]`` rank r's
+        info, ``wait_s`` the time until every size was known (waiting for the slowest worker)
+        and ``transfer_s`` the rest of the transfer. Workers get ``(None, None, ...)``.
         """
         send = chunk if chunk is not None else np.zeros(0, dtype=np.uint8)
         k = info.size + 1
-        mine = np.empty(k, dtype=np.float64)
-        mine[0] = send.size
-        mine[1:] = info
+        hb = 8 * k
+        slot = hb + self.inline
         t0 = MPI.Wtime()
-        allinfo = self._gather_sizes(mine)
+        if not self.is_root:
+            if self._send.size < slot:
+                self._send = np.zeros(slot, dtype=np.uint8)
+            head = self._send[:hb].view(np.float64)
+            head[0] = send.size
+            head[1:] = info
+            n_in = min(send.size, self.inline)
+            self._send[hb:hb + n_in] = send[:n_in]
+            _wait_idle(self.comm.Isend([self._send[:hb + n_in], MPI.BYTE], dest=ROOT, tag=_TAG_SIZES), self.poll,
+                       self._deadline(self._hung("sending this rank's slot to the root")))
+            t1 = MPI.Wtime()
+            if send.size > self.inline:
+                _wait_transfer(self.comm.Isend([send[self.inline:], MPI.BYTE], dest=ROOT, tag=_TAG_REST), self.poll,
+                               self._deadline(self._hung("sending the rest of this rank's chunk")))
+            return None, None, t1 - t0, MPI.Wtime() - t1
+        P = self.size
+        slots = self._recv_pool.get((P - 1) * slot).reshape(P - 1, slot)
+        self._recv_slots(slots)
         t1 = MPI.Wtime()
-        if self.is_root:
-            counts = allinfo[:, 0].astype(np.int64)
-            displs = np.zeros(self.size, dtype=np.int64)
-            np.cumsum(counts[:-1], out=displs[1:])
-            recv = self._recv_pool.get(int(counts.sum()))  # unreferenced: decoded views may outlive the round
-            req = self.comm.Igatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE], root=ROOT)
-        else:
-            req = self.comm.Igatherv([send, MPI.BYTE], None, root=ROOT)
-        _wait_transfer(req, self.poll, self._deadline(self._hung("the gather of the updates")))
-        t2 = MPI.Wtime()
-        if not self.is_root:
-            return None, None, t1 - t0, t2 - t1
-        chunks = [recv[displs[r]:displs[r] + counts[r]] for r in range(1, self.size)]
-        return chunks, allinfo[:, 1:], t1 - t0, t2 - t1
+        allinfo = np.empty((P, k), dtype=np.float64)
+        allinfo[ROOT, 0] = send.size
+        allinfo[ROOT, 1:] = info
+        allinfo[1:] = slots[:, :hb].view(np.float64)  # copies: the info must not pin the slot buffer
+        counts = allinfo[1:, 0].astype(np.int64)
+        chunks = [slots[w, hb:hb + min(int(counts[w]), self.inline)] for w in range(P - 1)]
+        long = [w for w in range(P - 1) if counts[w] > self.inline]
+        if long:  # rest of the long chunks: one buffer, each chunk made whole in it
+            rest = self._rest_pool.get(int(counts[long].sum()))
+            off, reqs = 0, []
+            for w in long:
+                whole = rest[off:off + int(counts[w])]
+                whole[:self.inline] = chunks[w]
+                reqs.append(self.comm.Irecv([whole[self.inline:], MPI.BYTE], source=w + 1, tag=_TAG_REST))
+                chunks[w] = whole
+                off += int(counts[w])
+            dl = self._deadline(self._hung("the transfer of the updates"))
+            for rq in reqs:
+                _wait_transfer(rq, self.poll, dl)
+        want = _round_up(int(1.25 * int(counts.max(initial=0))) + 64, 64)
+        self._next_inline = want if want <= MAX_INLINE else 0
+        return chunks, allinfo[:, 1:], t1 - t0, MPI.Wtime() - t1
 
-    def _gather_sizes(self, mine: np.ndarray) -> np.ndarray | None:
-        """Each worker's size-and-info row to the root, point to point so the root can name a rank
-        that never sends (the watchdog's message); returns the (size, k) table on the root."""
-        if not self.is_root:
-            _wait_idle(self.comm.Isend([mine, MPI.DOUBLE], dest=ROOT, tag=_TAG_SIZES), self.poll,
-                       self._deadline(self._hung("sending this rank's sizes to the root")))
-            return None
-        allinfo = np.zeros((self.size, mine.size), dtype=np.float64)
-        allinfo[ROOT] = mine
-        waiting = {w: self.comm.Irecv([allinfo[w], MPI.DOUBLE], source=w, tag=_TAG_SIZES)
+    def _recv_slots(self, slots: np.ndarray) -> None:
+        """Receive every worker's slot, point to point, so a rank that never sends can be named."""
+        waiting = {w: self.comm.Irecv([slots[w - 1], MPI.BYTE], source=w, tag=_TAG_SIZES)
                    for w in range(1, self.size)}
         if self.poll <= 0:
             MPI.Request.Waitall(list(waiting.values()))
-            return allinfo
+            return
 
         def missing() -> str:
             ranks = sorted(waiting)
@@ -262,7 +306,7 @@ class Transport:
                     f"run.timeout = {self.timeout:g} s (hung or dead); the job is ended")
 
         dl = self._deadline(missing)
-        # yield for ~100 us before the first sleep, as _wait_idle does: the sizes of a round whose workers
+        # yield for ~100 us before the first sleep, as _wait_idle does: the slots of a round whose workers
         # are all done arrive within microseconds, and a sleeping root added 0.4-0.9 ms to every small
         # gather (docs/mpi-performance.md §3)
         spin_until = time.perf_counter() + 1e-4
@@ -280,7 +324,6 @@ class Transport:
                 dl.check()
             time.sleep(nap)
             nap = min(nap * 2, self.poll)
-        return allinfo
 
     def igather_floats(self, values: np.ndarray) -> tuple[Pending, np.ndarray | None]:
         """Start a gather of a fixed-length float64 vector per rank; finish with :meth:`wait`.
