@@ -18,8 +18,8 @@ is one round:
      into one chunk (before the ``Barrier``: in a run this is the worker's local
      work, counted in ``overhead_s``, not in the gather; timed on its own),
      then :meth:`~hpcfl.comm.transport.Transport.gather_bytes` (every worker's
-     size to the root point to point, then ``Igatherv`` into a reused receive
-     buffer, with hpcfl's polling waits), then the root ``unpack_frames`` every
+     slot -- size, figures and first bytes -- to the root point to point, then
+     the rest of long chunks into a reused receive buffer, with hpcfl's polling waits), then the root ``unpack_frames`` every
      chunk (timed on its own, ``records_s`` in a run);
    * *bare* -- one blocking ``comm.Gatherv`` of the very same chunk bytes and
      per-rank counts into a preallocated, already-touched receive buffer, counts
@@ -37,7 +37,7 @@ float32 bytes is timed as well: sending the update without any codec.
 Derived figures (medians unless ``_best``): ``gather_MBps`` / ``bare_MBps`` =
 wire bytes / time; ``gather_vs_bare`` = bare time / hpcfl gather time = hpcfl
 bandwidth / bare bandwidth (the aim: >= 0.9), where the hpcfl gather is
-``gather_bytes`` (sizes + ``Igatherv``), the phase a run logs as ``wait_s`` +
+``gather_bytes`` (slots + rests), the phase a run logs as ``wait_s`` +
 ``gather_s``; ``framed_vs_bare`` the same with the framing copies added (slowest
 worker's ``pack_frames`` + the gather + the root's ``unpack_frames``);
 ``ratio`` the compression ratio; ``raw_gather_MBps`` = raw bytes / hpcfl gather
@@ -353,7 +353,7 @@ ROUND_FIELDS: dict[str, tuple[str, str, str]] = {
     "decode_min_s": ("f8", "s", "Root decodes every message of a round (validate + decode), fastest round."),
     "decode_median_s": ("f8", "s", "Decode phase, median round."),
     "decode_max_s": ("f8", "s", "Decode phase, slowest round."),
-    "gather_min_s": ("f8", "s", "hpcfl gather: Transport.gather_bytes (sizes to the root, then Igatherv) after "
+    "gather_min_s": ("f8", "s", "hpcfl gather: Transport.gather_bytes (slots to the root, then rests) after "
                      "a Barrier, max over ranks, fastest sample."),
     "gather_median_s": ("f8", "s", "hpcfl gather, median sample."),
     "gather_max_s": ("f8", "s", "hpcfl gather, slowest sample."),
@@ -361,7 +361,7 @@ ROUND_FIELDS: dict[str, tuple[str, str, str]] = {
                    "max over ranks, fastest sample."),
     "bare_median_s": ("f8", "s", "Bare Gatherv, median sample."),
     "bare_max_s": ("f8", "s", "Bare Gatherv, slowest sample."),
-    "transport_min_s": ("f8", "s", "Transport.gather_bytes alone (p2p sizes + Igatherv, wait_s + "
+    "transport_min_s": ("f8", "s", "Transport.gather_bytes alone (p2p slots + rests, wait_s + "
                         "transfer_s; no framing), max over ranks, fastest sample."),
     "transport_median_s": ("f8", "s", "gather_bytes alone, median sample."),
     "transport_max_s": ("f8", "s", "gather_bytes alone, slowest sample."),
@@ -372,7 +372,7 @@ ROUND_FIELDS: dict[str, tuple[str, str, str]] = {
     "framed_max_s": ("f8", "s", "Framed gather, slowest sample."),
     "framed_vs_bare": ("f8", "1", "bare_median_s / framed_median_s: the gather with hpcfl's framing copies."),
     "root_wait_median_s": ("f8", "s", "Root: sizes, point to point (gather_bytes wait_s), median."),
-    "root_transfer_median_s": ("f8", "s", "Root: Igatherv (gather_bytes transfer_s), median."),
+    "root_transfer_median_s": ("f8", "s", "Root: rest of long chunks (gather_bytes transfer_s), median."),
     "root_unpack_median_s": ("f8", "s", "Root: unpack_frames of every chunk, median."),
     "pack_median_s": ("f8", "s", "Workers: pack_frames, max over workers, median."),
     "bare_raw_min_s": ("f8", "s", "Bare Gatherv of the uncompressed float32 bytes (no codec), fastest."),

@@ -2,13 +2,15 @@
 
 Per round:
 
-* ``bcast_model``: the root broadcasts a 16-byte round token, then the flat
+* ``bcast_model``: the root broadcasts a 24-byte round token, then the flat
   float32 model. The token separates *idle* time (a worker waiting for the root
-  to finish the previous round) from the *transfer* of the model.
+  to finish the previous round) from the *transfer* of the model, and carries
+  the inline slot size of the coming gather.
 * ``gather_bytes``: each worker sends one chunk holding its clients' framed
-  messages and metric records. The sizes travel first, point to point (each
-  carries a few per-rank figures too); then one ``Igatherv``
-  fills a preallocated uint8 buffer at the root. The root keeps its last two
+  messages and metric records, in one point-to-point message holding its size,
+  a few per-rank figures and the chunk's first bytes (a slot); a chunk longer
+  than its slot sends the rest in a second message, received straight into a
+  preallocated uint8 buffer at the root. The root keeps its last two
   receive buffers and reuses one only when nothing outside the transport still
   refers to it (no chunk, frame or decoded view of an earlier round is alive),
   so callers always see memory no one else holds, without paying page faults
