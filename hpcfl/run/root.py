@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,6 +179,9 @@ class Root:
                                      "stopping (run.nonfinite = 'drop' skips such clients instead)")
             dropped[list(bad)] = 1
             decoded = [(c, upd) for c, upd in decoded if c not in bad]
+            shown = ", ".join(map(str, list(bad)[:10])) + (" ..." if len(bad) > 10 else "")
+            print(f"hpcfl run: round {r}: dropped client{'s' if len(bad) > 1 else ''} {shown} (NaN/Inf in the update; "
+                  "run.nonfinite = 'drop')", file=sys.stderr, flush=True)
             agg = self._weighted_sum(decoded)
         if decoded:
             self.opt.step(self.theta, agg)

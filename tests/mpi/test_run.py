@@ -194,3 +194,6 @@ def test_nonfinite_update_policies(tmp_path, tiny_job):
     hosted_by_1 = run.meta["client_rank"] == 1
     assert (run.clients["dropped"][1][hosted_by_1 & (run.clients["participated"][1] == 1)] == 1).all()
     assert np.isfinite(run.rounds["accuracy"]).all()
+    dropped = np.flatnonzero(run.clients["dropped"][1])
+    assert f"round 1: dropped client{'s' if dropped.size > 1 else ''} {', '.join(map(str, dropped))} (NaN/Inf" \
+        in r.stderr, r.stderr
