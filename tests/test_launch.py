@@ -126,3 +126,16 @@ def _chunk(n: int, lens: list[int], payload: int) -> np.ndarray:
 def test_unpack_frames_rejects_bad_framing(chunk):
     with pytest.raises(ValueError):
         unpack_frames(chunk)
+
+
+def test_pack_frames_into_reused_buffer():
+    """A buffer that fits is filled and a view of it returned (same bytes as a fresh pack); one that
+    does not fit is left alone and a fresh array returned."""
+    msgs = [bytes(range(8)) * 3, b"\x07" * 16]
+    fresh = pack_frames(msgs)
+    buf = np.full(fresh.size + 40, 0xAB, dtype=np.uint8)
+    got = pack_frames(msgs, buf)
+    assert got.base is buf and np.array_equal(got, fresh) and (buf[fresh.size:] == 0xAB).all()
+    small = np.zeros(fresh.size - 8, dtype=np.uint8)
+    got = pack_frames(msgs, small)
+    assert got.base is not small and np.array_equal(got, fresh) and not small.any()

@@ -92,6 +92,9 @@ def bare_gatherv(comm: MPI.Comm, send: np.ndarray, recv: np.ndarray | None, coun
     return MPI.Wtime() - t0
 
 
+_CHUNK_BUF = [np.empty(0, dtype=np.uint8)]  # the worker's reused chunk buffer (hpcfl/run/worker.py)
+
+
 def _hpcfl_gather(tr, msgs: list[bytes], info: np.ndarray) -> tuple[float, float, float, float, list | None]:
     """The run's path: frame (workers), ``Barrier``, ``gather_bytes``, unframe (root).
 
@@ -100,8 +103,10 @@ def _hpcfl_gather(tr, msgs: list[bytes], info: np.ndarray) -> tuple[float, float
     from hpcfl.comm.frames import pack_frames, unpack_frames
 
     tp = MPI.Wtime()
-    chunk = None if tr.is_root else pack_frames(msgs)
+    chunk = None if tr.is_root else pack_frames(msgs, _CHUNK_BUF[0])
     pack_s = MPI.Wtime() - tp
+    if chunk is not None and chunk.base is not _CHUNK_BUF[0]:  # as the worker: keep a buffer that fits
+        _CHUNK_BUF[0] = np.empty(int(chunk.size * 1.25) + 4096, dtype=np.uint8)
     tr.comm.Barrier()
     t0 = MPI.Wtime()
     chunks, _, wait_s, transfer_s = tr.gather_bytes(chunk, info)

@@ -13,15 +13,19 @@ import numpy as np
 __all__ = ["pack_frames", "unpack_frames"]
 
 
-def pack_frames(msgs: list[bytes]) -> np.ndarray:
+def pack_frames(msgs: list[bytes], into: np.ndarray | None = None) -> np.ndarray:
     """Frame byte messages as ``[n int64][len_1..len_n int64][msg_1 .. msg_n]``.
 
-    Every length must be a multiple of 8, so each message stays 8-byte aligned."""
+    Every length must be a multiple of 8, so each message stays 8-byte aligned. With ``into``
+    (a uint8 buffer at least as large as the result) the frames are written there and a view of
+    it is returned: a worker reuses one buffer across rounds instead of page-faulting a fresh one
+    (12 ms at 16 MiB, docs/mpi-performance.md §3)."""
     n = len(msgs)
     lens = np.array([n] + [len(m) for m in msgs], dtype=np.int64)
     if any(int(x) % 8 for x in lens[1:]):
         raise ValueError("framed messages must be multiples of 8 bytes long")
-    out = np.empty(lens.nbytes + int(lens[1:].sum()), dtype=np.uint8)
+    total = lens.nbytes + int(lens[1:].sum())
+    out = into[:total] if into is not None and into.size >= total else np.empty(total, dtype=np.uint8)
     out[:lens.nbytes] = lens.view(np.uint8)
     pos = lens.nbytes
     for m in msgs:

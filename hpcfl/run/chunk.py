@@ -42,11 +42,12 @@ class Chunk:
 
 
 def pack_chunk(records: np.ndarray, stats: np.ndarray, update_ids: np.ndarray, update_vectors: np.ndarray,
-               messages: list) -> np.ndarray:
+               messages: list, into: np.ndarray | None = None) -> np.ndarray:
+    """One worker's chunk; ``into``: a reusable buffer (see :func:`pack_frames`)."""
     frames = [_pad8(records), _pad8(stats), _pad8(np.asarray(update_ids, np.int64)),
               _pad8(np.asarray(update_vectors, np.float32))]
     return pack_frames(frames + [np.frombuffer(m, np.uint8) if not isinstance(m, np.ndarray) else m
-                                 for m in messages])
+                                 for m in messages], into)
 
 
 def unpack_chunk(chunk: np.ndarray, expect_clients: list[int], dims: int) -> Chunk:

@@ -49,6 +49,7 @@ class Worker:
                                     torch.from_numpy(s.data.y_train), self.job.run.seed, captures=caps)
         self.flat = np.empty(s.n_params, dtype=np.float32)
         self.flat_t = torch.from_numpy(self.flat)
+        self._chunk_buf = np.empty(0, dtype=np.uint8)  # reused for every round's chunk (sent before the next)
         self.prev: torch.Tensor | None = None  # last round's global model (needs_global codecs)
         self.dims = s.update_dims()
         self.names = [n for n, _ in s.params]
@@ -109,7 +110,10 @@ class Worker:
                 saved.append(flat[torch.from_numpy(self.dims)].numpy())
             compute += t2 - t0
         vectors = np.stack(saved) if saved else np.zeros((0, 0 if self.dims is None else len(self.dims)), np.float32)
-        chunk = pack_chunk(recs, np.array(stats, dtype=STAT_DTYPE), np.array(saved_ids, np.int64), vectors, msgs)
+        chunk = pack_chunk(recs, np.array(stats, dtype=STAT_DTYPE), np.array(saved_ids, np.int64), vectors, msgs,
+                           into=self._chunk_buf)
+        if chunk.base is not self._chunk_buf:  # it did not fit: keep a larger buffer for the next rounds
+            self._chunk_buf = np.empty(int(chunk.size * 1.25) + 4096, dtype=np.uint8)
         pace_s = self._pace(r, mine, recs) if self.pace and mine else 0.0
         for c in mine:
             self.last_round[c] = r
