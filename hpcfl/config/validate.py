@@ -60,6 +60,7 @@ def validate_job(job: Job, check_files: bool = True, check_memory: bool = True) 
         _check_model_size(job, params)
     uc = UpdateCodec(job.codec, job.routing.to_dict(), params, seed=job.run.seed,
                      checksum=job.run.wire_checksum)
+    _check_igc_momentum(job, uc.config)
     n_params = sum(s.numel for s in uc.slots)
     mem = None
     if check_memory:
@@ -71,6 +72,33 @@ def validate_job(job: Job, check_files: bool = True, check_memory: bool = True) 
     if check_files:
         _check_partition(job, classes)
     return Validated(job, n_params, uc.slots, uc.config, mem)
+
+
+def _codec_nodes(cfg):
+    """Every codec config dict in an expanded config tree (wrappers hold inner configs)."""
+    if isinstance(cfg, dict):
+        if "id" in cfg:
+            yield cfg
+        for v in cfg.values():
+            yield from _codec_nodes(v)
+    elif isinstance(cfg, (list, tuple)):
+        for v in cfg:
+            yield from _codec_nodes(v)
+
+
+def _check_igc_momentum(job: Job, codec_config: dict) -> None:
+    """Time-varying IGC charges 2d floats of downlink per client (the previous period's final
+    coordinates and the current ones). That rebuilds the model only if every period's movement lies
+    in that period's subspace, i.e. with plain server SGD: heavy-ball momentum keeps moving the
+    model along earlier periods' subspaces, and the byte count would then be a lie."""
+    if job.server.momentum == 0:
+        return
+    for node in _codec_nodes(codec_config):
+        if node.get("id") == "igc" and node.get("variant") == "timevarying":
+            raise ConfigError("server.momentum", f"{job.server.momentum} with codec igc variant "
+                              "'timevarying'; allowed: 0 (server momentum would keep moving the model "
+                              "along earlier periods' subspaces, so the 2d download could not rebuild "
+                              "it; docs/methods/igc.md)")
 
 
 # Training samples of the on-disk data sets (their fixed train splits).

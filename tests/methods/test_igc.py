@@ -193,6 +193,26 @@ def test_requires_model_scope():
         get_codec({"id": "igc", "variant": "kvarying"})
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_timevarying_refuses_server_momentum(wrapped):
+    """The 2d download of time-varying IGC rebuilds the model only under plain server SGD, so a job
+    with server momentum is refused before launch, naming the key; static and K-subspace keep it."""
+    from hpcfl.config import job_from_dict
+    from hpcfl.config.validate import validate_job
+
+    igc = {"id": "igc", "dim": 64, "variant": "timevarying"}
+    raw = {"data": {"dataset": "digits", "n_clients": 6}, "model": {"name": "logreg"},
+           "routing": {"scope": "model"}, "server": {"momentum": 0.9},
+           "codec": {"id": "ef", "inner": igc} if wrapped else igc}
+    with pytest.raises(ConfigError, match=r"server\.momentum.*timevarying"):
+        validate_job(job_from_dict(raw), check_memory=False)
+    raw["server"]["momentum"] = 0.0
+    validate_job(job_from_dict(raw), check_memory=False)
+    raw["server"]["momentum"] = 0.9
+    igc["variant"] = "ksubspace"
+    validate_job(job_from_dict(raw), check_memory=False)
+
+
 def test_both_sides_regenerate_the_same_subspace_without_sharing_objects():
     """A fresh codec (no cache) decodes the client's z to the client's recon bit for bit; a different
     subspace index gives a different reconstruction."""
