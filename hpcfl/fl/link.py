@@ -52,27 +52,52 @@ class Links:
 
 
 def load_trace(path: str | Path) -> np.ndarray:
-    """Rows of (uplink_mbps, downlink_mbps, latency_ms); ConfigError naming the line on bad input."""
+    """Rows of (uplink_mbps, downlink_mbps, latency_ms).
+
+    Bad input raises ConfigError naming the file, the line (counted in the file as it is,
+    comments and blank lines included) and, for a bad value, the column.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
     except OSError as e:
         raise ConfigError("link.trace", f"cannot read {p}: {e.strerror}") from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    reader = csv.DictReader(lines)
-    missing = [c for c in _COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ConfigError("link.trace", f"{p}: missing column(s) {', '.join(missing)}; expected a header "
-                          f"client,{','.join(_COLUMNS)}")
+    except UnicodeDecodeError as e:
+        raise ConfigError("link.trace", f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    expected = f"client,{','.join(_COLUMNS)}"
+    header: list[str] | None = None
+    idx: list[int] = []
     rows = []
-    for i, rec in enumerate(reader, start=2):
+    for lineno, ln in enumerate(text.splitlines(), start=1):
+        if not ln.strip() or ln.lstrip().startswith("#"):
+            continue
+        where = f"{p} line {lineno}"
         try:
-            up, down, lat = (float(rec[c]) for c in _COLUMNS)
-        except (TypeError, ValueError):
-            raise ConfigError("link.trace", f"{p} line {i}: not a number in {rec}") from None
-        if not (up > 0 and down > 0 and lat >= 0) or not np.isfinite([up, down, lat]).all():
-            raise ConfigError("link.trace", f"{p} line {i}: bandwidths must be > 0 and latency >= 0")
-        rows.append((up, down, lat))
+            fields = [f.strip() for f in next(csv.reader([ln]))]
+        except csv.Error as e:
+            raise ConfigError("link.trace", f"{where}: not CSV ({e})") from None
+        if header is None:
+            missing = [c for c in _COLUMNS if c not in fields]
+            if missing:
+                raise ConfigError("link.trace", f"{where}: missing column(s) {', '.join(missing)}; expected a "
+                                  f"header {expected}")
+            header, idx = fields, [fields.index(c) for c in _COLUMNS]
+            continue
+        if len(fields) != len(header):
+            raise ConfigError("link.trace", f"{where}: {len(fields)} field(s), the header has {len(header)}")
+        vals = []
+        for c, j in zip(_COLUMNS, idx):
+            try:
+                v = float(fields[j])
+            except ValueError:
+                raise ConfigError("link.trace", f"{where}, column {c}: not a number: {fields[j]!r}") from None
+            if not np.isfinite(v) or (v < 0 if c == "latency_ms" else v <= 0):
+                rule = "a finite number >= 0" if c == "latency_ms" else "a finite number > 0"
+                raise ConfigError("link.trace", f"{where}, column {c}: {fields[j]!r} must be {rule}")
+            vals.append(v)
+        rows.append(tuple(vals))
+    if header is None:
+        raise ConfigError("link.trace", f"{p}: no header line; expected {expected}")
     if not rows:
         raise ConfigError("link.trace", f"{p} holds no data rows")
     return np.array(rows, dtype=np.float64)
@@ -91,7 +116,9 @@ def links_for_job(link: Mapping, n_clients: int, seed: int) -> Links:
         lat = np.full(n_clients, float(link["latency_ms"]))
         sigma = float(link.get("spread", 0.0))
         if sigma > 0:
+            # one row per client, so client c always takes draws 2c and 2c+1 of the stream: its link
+            # depends on (seed, c) only, not on how many clients the job has
             rng = numpy_rng(seed, "client-links")
-            f = rng.lognormal(0.0, sigma, size=(2, n_clients))
-            up, down = up * f[0], down * f[1]
+            f = rng.lognormal(0.0, sigma, size=(n_clients, 2))
+            up, down = up * f[:, 0], down * f[:, 1]
     return Links(up * 1e6, down * 1e6, lat / 1e3)
