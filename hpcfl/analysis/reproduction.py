@@ -11,6 +11,11 @@ manifest's ``paper`` strings; measured figures only from run files, so one is ne
 other. Runs without a usable file are listed (with the command that makes them) instead of
 failing the report; ``--run-missing`` makes them first with ``hpcfl run``.
 
+The report is never replaced by a poorer one by accident: when fewer runs are usable than the
+existing report at ``--out`` was built from (its run inventory), generation refuses (UsageError,
+exit 2) unless ``force``. Figures are drawn into a staging directory and replace the old ones, and
+figures no longer drawn are removed, only after the new report has been written.
+
 Table and figure kinds specific to one method are in :mod:`hpcfl.analysis.reproduction_kinds`.
 No MPI; torch is imported only when a FalCom kind reads its per-slot helpers (``hpcfl.codecs``).
 """
@@ -26,8 +31,10 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import warnings
@@ -41,7 +48,7 @@ from hpcfl.errors import UsageError
 from hpcfl.results.reader import Run, load_run
 
 __all__ = ["TAGS", "RunSpec", "MethodSpec", "Manifest", "RunState", "load_manifest", "resolve_runs",
-           "run_missing", "generate", "METRICS", "main"]
+           "run_missing", "report_inventory", "generate", "METRICS", "main"]
 
 #: Confidence tags of methods.md §0.1; every paper claim in the manifest carries one.
 TAGS = ("CODE", "CODE-rel", "ABS", "MEM", "INF", "TBD")
@@ -230,6 +237,7 @@ class RunState:
     n_rounds: int = 0
     differs: list[str] = field(default_factory=list)
     n_params: int | None = None
+    wall_s: float | None = None  # the file's last wall_time: round 0 to the last evaluation (start-up excluded)
     _run: Run | None = field(default=None, repr=False)
 
     @property
@@ -254,9 +262,9 @@ class RunState:
         return self.state + (f" ({self.detail})" if self.detail else "")
 
 
-def _peek(path: Path) -> tuple[str, dict, int, int | None]:
-    """(status, job, rounds written, parameters) of a run file, without loading its tables (UsageError if
-    it is not one)."""
+def _peek(path: Path) -> tuple[str, dict, int, int | None, float | None]:
+    """(status, job, rounds written, parameters, wall seconds of the last round) of a run file, without
+    loading its tables (UsageError if it is not one)."""
     import h5py
 
     try:
@@ -264,13 +272,16 @@ def _peek(path: Path) -> tuple[str, dict, int, int | None]:
             if "rounds" not in f or "schema_version" not in f.attrs:
                 raise UsageError(f"{path} is an HDF5 file but not an hpcfl run file")
             status, job = f.attrs.get("status", ""), f.attrs.get("job_json", "{}")
-            n = int(f["rounds"].shape[0])
+            rounds = f["rounds"]
+            n = int(rounds.shape[0])
             params = int(f.attrs["n_params"]) if "n_params" in f.attrs else None
+            names = rounds.dtype.names or ()
+            wall = float(rounds[n - 1]["wall_time"]) if n and "wall_time" in names else None
     except OSError as e:
         raise UsageError(f"{path} is not a readable HDF5 run file: {e}") from None
     status = status.decode() if isinstance(status, bytes) else str(status)
     job = job.decode() if isinstance(job, bytes) else str(job)
-    return status, json.loads(job), n, params
+    return status, json.loads(job), n, params, (wall if wall is not None and math.isfinite(wall) else None)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -314,7 +325,7 @@ def resolve(spec: RunSpec, runs_dir: Path, now: float | None = None) -> RunState
     if not path.exists():
         return RunState(spec, path, "missing")
     try:
-        status, job, n, params = _peek(path)
+        status, job, n, params, wall = _peek(path)
     except UsageError as e:
         return RunState(spec, path, "unreadable", str(e))
     total = int(job.get("run", {}).get("rounds", 0) or 0)
@@ -330,7 +341,7 @@ def resolve(spec: RunSpec, runs_dir: Path, now: float | None = None) -> RunState
         detail = f"{done}, file untouched for {age / 60:.0f} min" if age > STALE_S else done
     else:
         state, detail = "failed", f"{done}: {status.removeprefix('failed: ')}"
-    return RunState(spec, path, state, detail, job, n, job_differences(spec, job), params)
+    return RunState(spec, path, state, detail, job, n, job_differences(spec, job), params, wall)
 
 
 def resolve_runs(manifest: Manifest, runs_dir: str | os.PathLike) -> dict[tuple[str, str], RunState]:
@@ -814,33 +825,114 @@ def _method_section(ctx: Context, number: int, manifest: Manifest, runs_dir: Pat
     return "\n".join(x for x in lines if x is not None)
 
 
+def report_inventory(path: str | os.PathLike) -> dict[str, int] | None:
+    """The run counts an existing report states in its "Run inventory" table, summed over methods:
+    {"runs", "complete", "diverged", "usable", "unusable"}; None if there is no such file or table."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    try:
+        start = lines.index("## Run inventory")
+    except ValueError:
+        return None
+    table = list(itertools.takewhile(lambda ln: ln.startswith("|"),
+                                     itertools.dropwhile(lambda ln: not ln.startswith("|"), lines[start + 1:])))
+    if len(table) < 3:
+        return None
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    cols = {"runs": "runs", "complete": "complete", "diverged": "diverged (kept)", "unusable": "no usable file"}
+    if any(h not in head for h in cols.values()):
+        return None
+    tot = dict.fromkeys(cols, 0)
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for k, h in cols.items():
+            try:
+                tot[k] += int(cells[head.index(h)])
+            except (IndexError, ValueError):
+                return None
+    tot["usable"] = tot["runs"] - tot["unusable"]
+    return tot
+
+
+def _hours(s: float) -> str:
+    return (f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else
+            f"{s:.0f} s" if s >= 10 else f"{s:.1f} s")
+
+
+def _wall_line(states: Sequence[RunState]) -> str | None:
+    """One sentence on how long the usable runs took (their files' wall_time), or None if none records it."""
+    walls = sorted((s.wall_s, s.spec.id) for s in states if s.usable and s.wall_s is not None)
+    if not walls:
+        return None
+    total = sum(w for w, _ in walls)
+    longest, lid = walls[-1]
+    return (f"Wall time recorded in the {len(walls)} usable run files (round 0 to the last evaluation; process "
+            f"start-up not included): {_hours(total)} in total, median {_hours(walls[len(walls) // 2][0])} per "
+            f"run, longest {_hours(longest)} (`{lid}`). `--run-missing` makes runs one after another, so making "
+            "them all again takes at least that total on a machine like the one that made them.")
+
+
 def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out: str | os.PathLike,
-             img_dir: str | os.PathLike | None = None, *, command: str | None = None) -> dict[str, Any]:
+             img_dir: str | os.PathLike | None = None, *, command: str | None = None,
+             force: bool = False) -> dict[str, Any]:
     """Write the report and its figures; returns {"present": [...], "missing": [...], "out": path}.
 
     Missing runs never fail the report: they are listed, and every cell that needs them reads "—".
-    The figure directory belongs to the report: PNGs in it that this generation did not draw are removed.
+    But when fewer runs are usable than the existing report at ``out`` was built from (its run
+    inventory), nothing is drawn or written and UsageError says so, unless ``force``.
+    The figure directory belongs to the report: figures are drawn into a staging directory, and only
+    after the report has been written do they replace the old ones and are PNGs this generation did
+    not draw removed (an error or a refusal leaves report and figures as they were).
     """
     manifest = load_manifest(manifest_path)
     runs = Path(runs_dir)
     out = Path(out)
     img = Path(img_dir) if img_dir is not None else out.parent / "img" / "reproduction"
+    states = resolve_runs(manifest, runs)
+    n_usable = sum(s.usable for s in states.values())
+    before = report_inventory(out)
+    if before is not None and n_usable < before["usable"] and not force:
+        raise UsageError(
+            f"not overwriting {out}: only {n_usable} of {len(states)} manifest runs have a usable file under "
+            f"{runs}/, but the existing report was built from {before['usable']} ({before['complete']} complete, "
+            f"{before['diverged']} diverged); --force writes it anyway, --run-missing first makes the missing runs")
     img.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    states = resolve_runs(manifest, runs)
+    stage = Path(tempfile.mkdtemp(prefix=f".{img.name}.new-", dir=img.parent))
+    try:
+        text, drawn = _document(manifest, states, runs, out, img, stage, command)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+        # the report is written: its figures replace the old ones, and the directory (which belongs to the
+        # report) loses the PNGs this generation did not draw
+        for png in stage.glob("*.png"):
+            os.replace(png, img / png.name)
+        for png in img.glob("*.png"):
+            if png.name not in drawn:
+                png.unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"out": str(out), "present": [s.spec.id for s in states.values() if s.usable],
+            "missing": [(k, s.spec.id, s.describe()) for (k, _), s in states.items() if not s.usable]}
+
+
+def _document(manifest: Manifest, states: dict[tuple[str, str], RunState], runs: Path, out: Path, img: Path,
+              stage: Path, command: str | None) -> tuple[str, set[str]]:
+    """The report's Markdown and the names of the figures drawn (into ``stage``; linked as in ``img``)."""
     values: dict[str, str] = {}
     drawn: set[str] = set()
     sections = []
     for i, m in enumerate(manifest.methods, 1):
-        ctx = Context(m, {r.id: states[(m.key, r.id)] for r in m.runs}, img,
+        ctx = Context(m, {r.id: states[(m.key, r.id)] for r in m.runs}, stage,
                       Path(os.path.relpath(img, out.parent)).as_posix(), values)
         sections.append(_method_section(ctx, i, manifest, runs, out.parent))
         drawn.update(Path(link).name for link in ctx.figures.values())
         for s in ctx.states.values():
             s.release()  # one method's run files in memory at a time
-    for png in img.glob("*.png"):  # the directory belongs to the report: drop figures it no longer draws
-        if png.name not in drawn:
-            png.unlink()
     all_states = list(states.values())
     present = [s for s in all_states if s.usable]
     absent = [s for s in all_states if not s.usable]
@@ -872,14 +964,12 @@ def generate(manifest_path: str | os.PathLike, runs_dir: str | os.PathLike, out:
                            for (k, _), s in states.items() if not s.usable]), ""]
     else:
         head += ["Every run of the manifest had a usable file at generation time.", ""]
+    wall = _wall_line(present)
+    if wall:
+        head += [wall, ""]
     toc = ["## Contents", ""] + [f"{i}. [{m.title}](#{_heading_anchor(f'{i}. {m.title}')})"
                                  for i, m in enumerate(manifest.methods, 1)] + [""]
-    text = "\n".join(head + toc + sections).rstrip() + "\n"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return {"out": str(out), "present": [s.spec.id for s in present],
-            "missing": [(k, s.spec.id, s.describe()) for (k, _), s in states.items() if not s.usable]}
+    return "\n".join(head + toc + sections).rstrip() + "\n", drawn
 
 
 def main(args) -> int:
@@ -896,7 +986,7 @@ def main(args) -> int:
         if failed:
             print(f"hpcfl analyze reproduction: {len(failed)} run(s) failed: {', '.join(failed)}; "
                   "the report lists them", file=sys.stderr)
-    res = generate(args.manifest, args.runs, args.out, args.img)
+    res = generate(args.manifest, args.runs, args.out, args.img, force=getattr(args, "force", False))
     print(f"wrote {res['out']}: {len(res['present'])} runs used, {len(res['missing'])} without a usable file",
           file=sys.stderr)
     for k, rid, why in res["missing"]:

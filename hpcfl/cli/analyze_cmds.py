@@ -159,7 +159,10 @@ def _reproduction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default="docs/reproduction.toml", help="default docs/reproduction.toml")
     p.add_argument("--out", default="docs/reproduction.md", help="report to write (default docs/reproduction.md)")
     p.add_argument("--img", help="figure directory, owned by the report: PNGs it no longer draws are removed "
-                   "(default: img/reproduction beside --out)")
+                   "once the new report is written (default: img/reproduction beside --out)")
     p.add_argument("--run-missing", action="store_true",
                    help="first run (hpcfl run, one after another) every manifest run without a complete file")
     p.add_argument("--list", action="store_true", help="only print each run's status; write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="write the report even if fewer runs are usable than the existing report at --out was "
+                        "built from (otherwise: exit 2, nothing written or removed)")

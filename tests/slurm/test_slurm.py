@@ -6,6 +6,10 @@ a cluster that already runs on the machine. The script installs Debian's slurm-w
 they are missing (root and apt needed). Where that or the daemons' start fails, every test here is
 SKIPPED with the reason; nothing waits without a timeout. At the end the jobs are cancelled and the
 daemons this module started are stopped through their pid files.
+
+Timeouts: pytest-timeout's per-test limit (600 s in pyproject.toml) covers fixture setup too, so
+this module sets its own, MODULE_TIMEOUT, above the sum of every bounded step: a slow
+installation then ends in a skip at START_TIMEOUT, never in a pytest-timeout failure.
 """
 
 from __future__ import annotations
@@ -27,13 +31,21 @@ import pytest
 from hpcfl.results import load_run
 from tests.conftest import write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.mpi]
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "slurm" / "local-cluster.sh"
 SBATCH = REPO / "slurm" / "hpcfl.sbatch"
-START_TIMEOUT = 900   # includes apt-get install on a fresh machine (each apt-get call capped below)
-JOB_TIMEOUT = 300     # submission to completion of every job
+APT_TIMEOUT = 240     # each apt-get call of local-cluster.sh (install, and on failure update + install)
+START_TIMEOUT = 900   # local-cluster.sh start: 3 apt-get calls (720 s at most) + munge and the daemons
+# Submission to completion of every job, and each job's --time. The whole test takes 36 s on an idle
+# 2-core VM, but at load 20 (other test runs) each tiny job needed 3.5-4.5 min before its first round.
+JOB_TIMEOUT = 600
+JOB_TIME = "00:10:00"
+# Every other step is bounded too: stop after a failed start 60; sbatch 60; two sweep commands 2 x 120;
+# the last squeue poll, scancel and two scontrol calls 4 x 15; teardown squeue/scancel/wait 65 + stop 60.
+OTHER_STEPS = 60 + 60 + 2 * 120 + 4 * 15 + 65 + 60
+MODULE_TIMEOUT = START_TIMEOUT + JOB_TIMEOUT + OTHER_STEPS + 60  # pytest-timeout for the test, setup included
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(MODULE_TIMEOUT)]
 
 
 def _run(cmd: list[str], *, env: dict, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -44,7 +56,12 @@ def _run(cmd: list[str], *, env: dict, timeout: float, cwd: Path | None = None) 
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        try:  # a daemon started meanwhile may hold the pipes open: do not wait for their end
+            out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            out, err = "", ""
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
@@ -87,7 +104,7 @@ def cluster():
         pytest.skip("Slurm is not installed and there is no apt-get to install it")
     state = Path(tempfile.mkdtemp(prefix="hpcfl-slurm-"))  # short: slurmd puts unix sockets in here
     env = dict(os.environ, HPCFL_SLURM_DIR=str(state), HPCFL_SLURM_PORT=str(_free_port_pair()),
-               HPCFL_APT_TIMEOUT="240", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               HPCFL_APT_TIMEOUT=str(APT_TIMEOUT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                HPCFL_VENV=sys.prefix, HPCFL_PYTHON=sys.executable, SLURM_CONF=str(state / "slurm.conf"))
     for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         env.pop(k)  # pytest itself may run inside a Slurm job
@@ -98,12 +115,16 @@ def cluster():
             c.run(["bash", CLUSTER_SH, "stop"], timeout=60)
         except subprocess.TimeoutExpired:
             pass
+        shutil.rmtree(state, ignore_errors=True)
 
     try:
         r = c.run(["bash", CLUSTER_SH, "start"], timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired as e:
         stop()
-        pytest.skip(f"Slurm did not start within {START_TIMEOUT} s: {(e.stderr or '')[-400:]}")
+        said = [ln for ln in (e.stderr or "").splitlines() if ln.strip()]
+        pytest.skip(f"Slurm did not start within {START_TIMEOUT} s (slurm/local-cluster.sh start killed; "
+                    f"apt-get calls capped at {APT_TIMEOUT} s each): last output: "
+                    f"{' | '.join(said[-3:]) or 'none'}")
     if r.returncode != 0:
         logs = ""
         for name in ("slurmctld.log", "slurmd.log"):
@@ -126,7 +147,6 @@ def cluster():
         except subprocess.TimeoutExpired:
             pass
         stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def _wait(c: Cluster, job_ids: list[str], logs: Path) -> dict[str, list[str]]:
@@ -158,7 +178,7 @@ def test_sbatch_template_and_sweep_array(cluster, tmp_path, tiny_job):
     (tmp_path / "logs").mkdir()  # --output's directory must exist at submission
 
     # 1. the sbatch template with one job: world size = --ntasks
-    r = c.run(["sbatch", "--parsable", "--ntasks=3", "--time=00:05:00", f"--chdir={tmp_path}",
+    r = c.run(["sbatch", "--parsable", "--ntasks=3", f"--time={JOB_TIME}", f"--chdir={tmp_path}",
                f"--output={tmp_path}/logs/%x-%j.out", SBATCH, job, "--progress", "plain"], timeout=60)
     assert r.returncode == 0, r.stderr
     single = r.stdout.strip().split(";")[0]
@@ -166,15 +186,16 @@ def test_sbatch_template_and_sweep_array(cluster, tmp_path, tiny_job):
     # 2. a 2-point sweep as a job array
     sweep = tmp_path / "sweep"
     r = c.run([sys.executable, "-m", "hpcfl", "sweep", job, "--grid", "codec.id=identity,fp16", "--dir", sweep,
-               "--slurm", "--submit", "--time", "00:05:00"], timeout=120)
+               "--slurm", "--submit", "--time", JOB_TIME], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     array = r.stdout.split("submitted job array ")[1].split(";")[0].split()[0]
 
     records = _wait(c, [single, array], tmp_path)
     for j, recs in records.items():
         assert recs, f"scontrol knows nothing of job {j}"
-        for rec in recs:
-            assert "JobState=COMPLETED" in rec and "ExitCode=0:0" in rec, f"{rec}\n{_logs(tmp_path)}"
+    bad = [rec for recs in records.values() for rec in recs
+           if "JobState=COMPLETED" not in rec or "ExitCode=0:0" not in rec]
+    assert not bad, "\n".join(bad) + "\n" + _logs(tmp_path)
     assert len(records[array]) == 2  # one record per array task
 
     run = load_run(tmp_path / "runs" / f"tiny-{single}.h5")
