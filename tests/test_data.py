@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import pickletools
 import struct
 
 import numpy as np
@@ -208,6 +209,110 @@ def test_cifar_malformed_batches(tmp_path):
     (tmp_path / "test_batch").unlink()
     with pytest.raises(DataError, match=r"missing test_batch; expected data_batch_1.*test_batch in"):
         load_dataset(data_cfg(dataset="cifar10", path=str(tmp_path)), seed=0)
+
+
+class _Py2Pickler:
+    """The byte stream Python 2's cPickle.dump(batch, f, protocol=2) writes for a CIFAR-10 batch, built by hand.
+
+    What makes the real files different from anything Python 3 writes: every str is a Python 2 byte
+    string (SHORT_BINSTRING ``U`` up to 255 bytes, BINSTRING ``T`` beyond, so the 30 MB image block
+    is one ``T``), the array comes from ``numpy.core.multiarray._reconstruct`` with a ``numpy.dtype``
+    whose state holds the str ``'|'``, and the memo starts at 1. Python 3 decodes those strings as
+    ASCII by default and fails on the image bytes: the loader needs ``encoding='bytes'``.
+    """
+
+    def __init__(self):
+        self.out = bytearray(b"\x80\x02")  # PROTO 2
+        self.memo = 0
+
+    def op(self, b: bytes) -> "_Py2Pickler":
+        self.out += b
+        return self
+
+    def put(self) -> "_Py2Pickler":  # BINPUT / LONG_BINPUT, as cPickle memoizes shared objects
+        self.memo += 1
+        return self.op(b"q" + bytes([self.memo]) if self.memo < 256 else b"r" + struct.pack("<I", self.memo))
+
+    def int(self, v: int) -> "_Py2Pickler":
+        if 0 <= v < 256:
+            return self.op(b"K" + bytes([v]))                    # BININT1
+        if 0 <= v < 65536:
+            return self.op(b"M" + struct.pack("<H", v))          # BININT2
+        return self.op(b"J" + struct.pack("<i", v))              # BININT
+
+    def str(self, v: bytes, memo: bool = True) -> "_Py2Pickler":
+        self.op(b"U" + bytes([len(v)]) + v if len(v) < 256 else b"T" + struct.pack("<I", len(v)) + v)
+        return self.put() if memo else self
+
+    def glob(self, module: str, name: str) -> "_Py2Pickler":
+        return self.op(f"c{module}\n{name}\n".encode()).put()  # GLOBAL
+
+    def ndarray(self, a: np.ndarray) -> "_Py2Pickler":
+        assert a.dtype == np.uint8 and a.ndim == 2
+        self.glob("numpy.core.multiarray", "_reconstruct").glob("numpy", "ndarray")
+        self.int(0).op(b"\x85").str(b"b", memo=False).op(b"\x87R").put()   # _reconstruct(ndarray, (0,), 'b')
+        self.op(b"(").int(1).int(a.shape[0]).int(a.shape[1]).op(b"\x86")      # state: (1, shape,
+        self.glob("numpy", "dtype").str(b"u1", memo=False).int(0).int(1).op(b"\x87R").put()  # dtype('u1', 0, 1)
+        self.op(b"(").int(3).str(b"|", memo=False).op(b"NNN").int(-1).int(-1).int(0).op(b"tb")  # its state
+        return self.op(b"\x89").str(a.tobytes()).op(b"tb")                 # False, data) BUILD
+
+    def batch(self, batch: dict) -> bytes:
+        self.op(b"}").put().op(b"(")                                        # EMPTY_DICT, MARK
+        for key, v in batch.items():
+            self.str(key)
+            if isinstance(v, np.ndarray):
+                self.ndarray(v)
+            elif isinstance(v, bytes):
+                self.str(v)
+            else:
+                self.op(b"]").put().op(b"(")                                # EMPTY_LIST, MARK
+                for x in v:
+                    self.int(x) if isinstance(x, int) else self.str(x)
+                self.op(b"e")                                               # APPENDS
+        return bytes(self.op(b"u.").out)                                    # SETITEMS, STOP
+
+
+def write_cifar_py2(d, n=4, seed=0):
+    """The six batches as the CIFAR-10 python tarball has them (Python 2 pickles, key order as stored)."""
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        label = b"testing batch 1 of 1" if name == "test_batch" else b"training batch %d of 5" % (i + 1)
+        batch = {b"batch_label": label, b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [b"leptodactylus_pentadactylus_s_%06d.png" % (n * i + j) for j in range(n)]}
+        (d / name).write_bytes(_Py2Pickler().batch(batch))
+        out[name] = batch
+    return out
+
+
+def test_cifar_python2_batches(tmp_path):
+    """The real CIFAR-10 files are Python 2 cPickle streams (see _Py2Pickler); the loader reads them."""
+    batches = write_cifar_py2(tmp_path / "cifar-10-batches-py")
+    raw = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    # the fixture is what we claim: protocol 2, Python 2 string opcodes, numpy.core's _reconstruct
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    assert ops[0] == ("PROTO", 2) and ops[-1][0] == "STOP"
+    names = {name for name, _ in ops}
+    assert {"SHORT_BINSTRING", "BINSTRING", "GLOBAL", "REDUCE", "BUILD", "NEWFALSE", "SETITEMS", "APPENDS"} <= names
+    assert not names & {"BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "FRAME", "STACK_GLOBAL"}  # nothing Python 3
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops and ("SHORT_BINSTRING", "labels") in ops
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(raw)  # Python 3's default (ASCII) cannot read it: hence encoding='bytes'
+    for name, batch in batches.items():
+        data, labels = load_batch(tmp_path / "cifar-10-batches-py" / name)
+        assert data.dtype == np.uint8 and data.shape == (4, 3072) and data.flags.c_contiguous
+        np.testing.assert_array_equal(data, batch[b"data"])
+        assert labels.dtype == np.int64 and labels.tolist() == batch[b"labels"]
+    ds = load_dataset(data_cfg(dataset="cifar10", path=str(tmp_path)), seed=0)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
+    # the same batches pickled by Python 3 load to the same data set
+    write_cifar(tmp_path / "py3", seed=0)
+    ref = load_dataset(data_cfg(dataset="cifar10", path=str(tmp_path / "py3")), seed=0)
+    np.testing.assert_array_equal(ds.x_train, ref.x_train)
+    np.testing.assert_array_equal(ds.y_train, ref.y_train)
 
 
 # ---------------------------------------------------------------- digits

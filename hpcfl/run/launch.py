@@ -9,6 +9,13 @@ Three ways to launch, one behaviour:
 * under ``srun``: run in-process, and refuse a *silent singleton*: SLURM says the step
   has N > 1 tasks but MPI says the world has one rank (an MPI without the PMI that
   srun provides, open-mpi/ompi#13523).
+
+The same singleton check covers any mpiexec (:func:`check_launcher_world`): when one MPI's
+launcher starts another MPI's build (Open MPI's mpiexec and pip's MPICH wheel, or the
+reverse), the launcher's own variables (``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``, ...) say N > 1
+while every process is a world of one. Each of those N processes is then MPI rank 0, so only
+the one the launcher numbers 0 (:func:`launcher_rank`) prints the error; every one of them
+exits with code 2.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from pathlib import Path
 
 from hpcfl.errors import UsageError, WorldSizeError
 
-__all__ = ["detect_launcher", "mpiexec_path", "check_slurm_world", "SINGLETON_HELP", "in_batch_job", "BATCH_VARS"]
+__all__ = ["detect_launcher", "mpiexec_path", "check_slurm_world", "check_launcher_world", "launcher_rank",
+           "SINGLETON_HELP", "LAUNCHER_SINGLETON_HELP", "in_batch_job", "BATCH_VARS"]
 
 # Variables a launcher sets in its ranks' environment. Not user-set tuning variables
 # (I_MPI_*, MPICH_*, ...): cluster modules export those in ordinary login shells.
@@ -81,16 +89,77 @@ SINGLETON_HELP = (
 
 
 def check_slurm_world(world_size: int, env=None) -> None:
+    """Refuse a silent singleton (world of 1 where the launcher started N > 1 processes).
+
+    First Slurm's view (an srun step of N tasks), then any mpiexec's (:func:`check_launcher_world`).
+    ``run_job`` and ``hpcfl bench`` call this before anything else collective.
+    """
     env = os.environ if env is None else env
-    if not _in_srun_step(env):
-        return
-    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if _in_srun_step(env):
+        ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        try:
+            n = int(ntasks)
+        except ValueError:
+            n = 1  # unparsable: do not guess
+        if n > 1 and world_size == 1:
+            raise WorldSizeError(SINGLETON_HELP.format(ntasks=n))
+    check_launcher_world(world_size, env)
+
+
+# World-size variables launchers put in each process's environment, and whose launcher sets them.
+# (PMIx itself exports no size variable: PMIX_RANK/PMIX_NAMESPACE only; Open MPI's mpiexec adds
+# OMPI_COMM_WORLD_SIZE.) MPI_LOCALNRANKS, Hydra's count of ranks on this node, is a lower bound
+# of the world size, so > 1 there also means the world cannot be 1.
+_SIZE_VARS = (
+    ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpiexec/mpirun"),
+    ("PMI_SIZE", "an MPICH-family mpiexec (Hydra: MPICH, Intel MPI) or a PMI launcher"),
+    ("MV2_COMM_WORLD_SIZE", "MVAPICH's mpirun_rsh"),
+    ("MPI_LOCALNRANKS", "an MPICH-family mpiexec (Hydra)"),
+)
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+LAUNCHER_SINGLETON_HELP = (
+    "the launcher started {n} processes ({var}={n}, set by {who}) but MPI reports a world of size 1 "
+    "in each: every process is a separate singleton, because the MPI library mpi4py loaded is not "
+    "the one whose launcher started it (e.g. Open MPI's mpiexec starting pip's MPICH build, or the "
+    "reverse). Fix: start the job with the mpiexec of the MPI that mpi4py uses ('python -m mpi4py "
+    "--mpi-library' shows it; for pip's mpich wheel that is the mpiexec beside this python, "
+    "{here}, or plain 'hpcfl run JOB', which starts it itself), or make mpi4py load the launcher's "
+    "MPI (MPI4PY_LIBMPI, or pip install -e . without the [mpich] extra on a cluster). run.ranks "
+    "is not the problem."
+)
+
+
+def _int(text: str | None) -> int | None:
     try:
-        n = int(ntasks)
+        return int(text) if text is not None else None
     except ValueError:
+        return None
+
+
+def check_launcher_world(world_size: int, env=None) -> None:
+    """Refuse a launcher/MPI mismatch: a launcher's size variable says N > 1, MPI says 1."""
+    env = os.environ if env is None else env
+    if world_size != 1:
         return
-    if n > 1 and world_size == 1:
-        raise WorldSizeError(SINGLETON_HELP.format(ntasks=n))
+    for var, who in _SIZE_VARS:
+        n = _int(env.get(var))
+        if n is not None and n > 1:
+            here = Path(sys.executable).parent / "mpiexec"
+            raise WorldSizeError(LAUNCHER_SINGLETON_HELP.format(n=n, var=var, who=who, here=here))
+
+
+def launcher_rank(env=None) -> int:
+    """This process's number as the launcher sees it (Slurm task id in an srun step, else the first of
+    PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK, MV2_COMM_WORLD_RANK), or 0. It differs from the MPI rank
+    only in a silent singleton, where every process is MPI rank 0."""
+    env = os.environ if env is None else env
+    names = (("SLURM_PROCID",) if _in_srun_step(env) else ()) + _RANK_VARS
+    for var in names:
+        r = _int(env.get(var))
+        if r is not None:
+            return r
+    return 0
 
 
 def which_or_none(name: str) -> str | None:

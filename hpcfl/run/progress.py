@@ -1,4 +1,17 @@
-"""Rank 0's one line per round: aligned columns on a terminal, log lines in batch jobs."""
+"""Rank 0's one line per round: aligned columns on a terminal, log lines in batch jobs.
+
+The counter is 1-based, "round k/R" is the k-th completed round, i.e. row k-1 of the run file's
+0-based ``/rounds`` table. ``plain`` (batch logs)::
+
+    2026-11-22T10:15:03 hpcfl quickstart: round 1/40 accuracy=0.1532 uplink_bytes=5245840 ratio=1.00 round_s=0.1050
+
+``tty`` (a terminal): a header, then aligned columns; ``time`` is the round's wall time (round_s)::
+
+    round     acc     uplink    ratio       time
+     1/40  0.1532     5.0MiB    1.00x    105.0ms
+
+Accuracy is ``-`` on rounds that skip the evaluation.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +64,7 @@ class Progress:
         w = len(str(self.rounds))
         if self.mode == "tty":
             if not self._header:
-                self._print(f"{'round':>{2 * w + 1}}  {'acc':>6}  {'uplink':>9}  {'ratio':>7}  {'round':>9}")
+                self._print(f"{'round':>{2 * w + 1}}  {'acc':>6}  {'uplink':>9}  {'ratio':>7}  {'time':>9}")
                 self._header = True
             self._print(f"{r + 1:>{w}}/{self.rounds}  {acc_s}  {_fmt_bytes(uplink):>9}  {ratio:6.2f}x  "
                         f"{round_s * 1e3:7.1f}ms")

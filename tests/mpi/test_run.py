@@ -17,6 +17,7 @@ import pytest
 
 from hpcfl.codecs.wire import header_size
 from hpcfl.results import load_run
+from hpcfl.results.schema import ROOT_ATTRS
 from hpcfl.run.launch import in_batch_job
 from tests.conftest import MPIEXEC, hpcfl_env, needs_mpiexec, run_hpcfl, write_job
 
@@ -61,6 +62,9 @@ def test_identity_bytes_and_file(tmp_path, tiny_job):
     for k in ("train_s", "encode_s", "decode_s"):
         assert (run.clients[k][part] > 0).all() and np.isnan(run.clients[k][~part]).all()
     a = run.attrs
+    # every documented root attribute is there (resumes_json only appears after a resume), none undocumented
+    assert set(ROOT_ATTRS) - {"resumes_json"} <= set(a), sorted(set(ROOT_ATTRS) - set(a))
+    assert set(a) <= set(ROOT_ATTRS), sorted(set(a) - set(ROOT_ATTRS))
     assert a["world_size"] == 3 and a["launcher"] == "self" and "MPICH" in a["mpi_library"]
     assert 0.0 <= a["initial_accuracy"] < run.rounds["accuracy"][-1]  # Acc_0 of per-bit accuracy
     assert json.loads(a["job_json"])["run"]["rounds"] == 3
