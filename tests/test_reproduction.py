@@ -40,8 +40,9 @@ def job_dict(lr: float = 0.1) -> dict:
 
 def write_run(path: Path, job: Path, sets: list[str], acc: list[float], up: list[int], *,
               status: str = "complete", stats: list[tuple[int, str, float]] = (), job_json: str | None = None,
-              slots: list | None = None):
-    """A run file with the given per-round accuracy and uplink bytes; ``stats``: (round, name, value) on slot 0."""
+              slots: list | None = None, rounds_extra: dict | None = None, clients_extra: dict | None = None):
+    """A run file with the given per-round accuracy and uplink bytes; ``stats``: (round, name, value) on slot 0;
+    ``rounds_extra`` / ``clients_extra``: more /rounds values and (C,) /clients arrays, the same every round."""
     j = load_job(job, sets)
     codec = {"codec": j.to_dict()["codec"], **({"slots": slots} if slots else {})}
     attrs = {"job_json": job_json or j.to_json(), "codec_json": json.dumps(codec),
@@ -53,9 +54,10 @@ def write_run(path: Path, job: Path, sets: list[str], acc: list[float], up: list
         st = np.array(rows, dtype=STAT_DTYPE) if rows else None
         log.append_round({"round": r, "accuracy": a, "loss": 1.0, "uplink_bytes": u, "payload_bytes": u - 8 * C,
                           "header_bytes": 8 * C, "raw_bytes": RAW, "downlink_bytes": 2 * RAW,
-                          "compression_ratio": RAW / u, "round_s": 0.01, "wall_time": 0.01 * (r + 1)},
+                          "compression_ratio": RAW / u, "round_s": 0.01, "wall_time": 0.01 * (r + 1),
+                          **(rounds_extra or {})},
                          {"participated": np.ones(C, np.uint8), "payload_bytes": np.full(C, (u - 8 * C) / C),
-                          "raw_bytes": np.full(C, RAW / C)}, {}, st)
+                          "raw_bytes": np.full(C, RAW / C), **(clients_extra or {})}, {}, st)
     log.close(status)
     return path
 
@@ -427,3 +429,89 @@ def test_method_kinds_by_hand(tmp_path, monkeypatch):
     # conv ratio over rounds >= 2: FalCom 4, SZ3 2; the last quarter (round 3): the same
     assert "| b | 4.000 | 2.000 | **2.000** | 3–3 | **2.000** | — | 0.5000 / 0.5000 |" in tables["falcom_vs_sz3"]
     assert ctx.values["fs.all"] == "up to 2.000× SZ3 (b, rounds ≥ 2)"
+
+
+COMM = """
+title = "Comm"
+spec = "methods.md"
+
+[[method]]
+key = "f"
+title = "F: FalCom's communication table"
+
+[[method.run]]
+id = "identity"
+job = "job.toml"
+out = "f/identity.h5"
+
+[[method.run]]
+id = "falcom-1e-2"
+job = "job.toml"
+out = "f/falcom-1e-2.h5"
+
+[[method.run]]
+id = "falcom-1e-2-r80"
+job = "job.toml"
+out = "f/falcom-1e-2-r80.h5"
+
+[[method.table]]
+kind = "falcom_comm"
+name = "fc"
+reference = "identity"
+runs = ["identity", "falcom-1e-*"]
+bandwidths = [8e3, 80e3]
+latency_ms = 500.0
+"""
+
+
+def test_falcom_comm_compares_per_round_means_across_run_lengths(tmp_path, monkeypatch):
+    """A 4-round run against a 2-round reference: the reduction must come from per-round means. With
+    totals (the old table) the longer run looked no better than uncompressed: 1 - 4 * 0.75 / (2 * 1.5) = 0."""
+    from hpcfl.analysis.reproduction_kinds import TABLES
+
+    monkeypatch.chdir(tmp_path)
+    job = write_job(tmp_path / "job.toml", job_dict())
+    (tmp_path / "c.toml").write_text(COMM)
+    runs = tmp_path / "runs"
+
+    def run(name, n, msg, logged=None):
+        # every client sends `msg` bytes: at 8 kbit/s + 0.5 s latency a round's uplink is 0.5 + msg / 1000 s
+        write_run(runs / f"f/{name}.h5", job, [], [0.5] * n, [C * msg] * n, slots=[["w", [10], "lossy"]],
+                  clients_extra={"message_bytes": np.full(C, msg), "encode_s": np.full(C, 0.01)},
+                  rounds_extra={"decode_s": 0.0, "gather_s": 0.002,
+                                **({"modelled_uplink_s": logged} if logged is not None else {})})
+
+    run("identity", 2, 1000)
+    run("falcom-1e-2", 2, 250)
+    run("falcom-1e-2-r80", 4, 250, logged=0.75)
+    man = rp.load_manifest(tmp_path / "c.toml")
+    m = man.methods[0]
+    states = rp.resolve_runs(man, runs)
+    ctx = rp.Context(m, {r.id: states[("f", r.id)] for r in m.runs}, tmp_path, "img", {})
+    table = TABLES["falcom_comm"](ctx, m.tables[0])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    assert set(rows) == {"identity", "falcom-1e-2", "falcom-1e-2-r80"}
+    assert [rows[k][1] for k in ("identity", "falcom-1e-2", "falcom-1e-2-r80")] == ["2", "2", "4"]
+    # modelled uplink per round at 8 kbit/s and 80 kbit/s, in ms, then the reduction
+    assert rows["identity"][3:6] == ["1.5e+03", "600", "0.0%"]
+    assert rows["falcom-1e-2"][3:6] == rows["falcom-1e-2-r80"][3:6] == ["750", "525", "50.0%"]
+    # the run file's own modelled_uplink_s where it was logged, and the measured gather_s, per round
+    assert rows["falcom-1e-2-r80"][8:10] == ["750", "2"] and rows["identity"][8:10] == ["—", "2"]
+    assert ctx.values["fc.reduction"].startswith("50.0%–50.0% modelled link time per round at 0.008 Mbit/s, "
+                                                 "latency 500 ms (2 FalCom runs")
+    assert ctx.values["fc.reduction_codec"].startswith("+49.")  # +codec: 10 ms encode on 1.51 s and 0.76 s
+
+
+def test_falcom_manifest_compares_per_round():
+    """docs/reproduction.toml: the communication table takes runs of 40 and 80 rounds (the glob
+    falcom-1e-* matches falcom-1e-2-r80), so it must be a per-round kind, at the jobs' link latency."""
+    import tomllib
+
+    man = rp.load_manifest(Path(__file__).resolve().parents[1] / "docs" / "reproduction.toml")
+    fal = next(m for m in man.methods if m.key == "falcom")
+    comm = next(t for t in fal.tables if t["kind"] == "falcom_comm")
+    ids = [r.id for r in fal.runs]
+    assert "falcom-1e-2-r80" in ids and any(p == "falcom-1e-*" for p in comm["runs"])
+    job = tomllib.loads((Path(__file__).resolve().parents[1] / "jobs" / "digits-resnet-falcom-c10.toml").read_text())
+    assert job["link"]["mode"] == "model" and comm["latency_ms"] == job["link"]["latency_ms"]
+    assert comm["bandwidths"][0] == job["link"]["uplink_mbps"] * 1e6

@@ -484,3 +484,48 @@ def test_get_codec_errors():
     with pytest.raises(ConfigError) as ei:
         get_codec({"id": "ef", "inner": FP16, "gamma": 0})
     assert ei.value.key == "codec.gamma"
+
+
+# ------------------------------------------------------- per-slot ratios
+
+EB_PARAMS = [("conv.weight", (8, 4, 3, 3)), ("conv.bias", (8,)), ("fc.weight", (5, 64)), ("fc.bias", (5,)),
+             ("scale", (1,)), ("const.weight", (10, 10))]
+EB_ROUTING = {"lossy_patterns": ["*weight*"], "min_numel": 100, "dense": {"id": "zstd", "level": 10}}
+
+
+@pytest.mark.parametrize("codec", [{"id": "falcom", "eps": 1e-3}, {"id": "sz3", "eps": 1e-3},
+                                   {"id": "zfp", "eps": 1e-3}])
+def test_every_slot_logs_its_ratio_for_error_bounded_codecs(codec):
+    """Dense-route (zstd) slots and raw fallbacks log ``ratio`` like the lossy ones: 4n / the slot's
+    parts, so the slots' payloads (4n / ratio) add up to the message's payload bytes, and raw over that
+    is the message's payload ratio (the per-round ratio of /rounds adds the header)."""
+    c = uc(codec, EB_ROUTING, params=EB_PARAMS)
+    routes = {s.name: s.route for s in c.slots}
+    assert routes == {"conv.weight": "lossy", "conv.bias": "dense", "fc.weight": "lossy", "fc.bias": "dense",
+                      "scale": "dense", "const.weight": "lossy"}
+    st = CodecState()
+    g = torch.Generator().manual_seed(3)
+    for r in range(3):  # FalCom: direct in round 0, predictive for the conv slot afterwards
+        x = {n: torch.randn(s, generator=g) * 0.01 for n, s in EB_PARAMS}
+        x["const.weight"] = torch.full((10, 10), 0.5)  # constant: the raw fallback of the lossy codec
+        res = c.encode(x, client=1, round=r, state=st)
+        ratio = {i: v for i, k, v in res.stats if k == "ratio"}
+        assert sorted(ratio) == [s.index for s in c.slots]
+        assert sum(1 for _, k, _ in res.stats if k == "ratio") == len(c.slots)  # exactly one per slot
+        msg = unpack(res.data)
+        for t in msg.tensors:
+            slot = c.slots[t.index]
+            assert ratio[t.index] == 4.0 * slot.numel / sum(p.nbytes for p in t.parts), slot.name
+        assert ratio[c.slots[-1].index] == 1.0  # raw float32
+        payload = sum(4.0 * s.numel / ratio[s.index] for s in c.slots)
+        assert payload == pytest.approx(res.payload_bytes, rel=1e-12)
+        assert res.raw_bytes / payload == pytest.approx(res.raw_bytes / res.payload_bytes, rel=1e-12)
+        assert res.raw_bytes == 4 * sum(s.numel for s in c.slots)
+
+
+def test_codecs_without_a_per_tensor_ratio_log_none():
+    """The dense-route ratio rides only with codecs that log one per tensor (others keep their stat sets)."""
+    for codec in (CODECS["identity"], FP16, {"id": "topk", "ratio": 0.1}):
+        res = uc(codec, EB_ROUTING, params=EB_PARAMS).encode(
+            {n: torch.randn(s) for n, s in EB_PARAMS}, client=0, round=0, state=CodecState())
+        assert not [k for _, k, _ in res.stats if k == "ratio"], codec

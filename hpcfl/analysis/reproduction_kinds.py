@@ -166,26 +166,45 @@ def table_falcom_vs_sz3(ctx: Context, t: dict) -> str:
                      "FalCom / SZ3, late", "ZFP conv ratio", "final acc FalCom / SZ3 / ZFP", "note"], rows)
 
 
-def table_falcom_comm(ctx: Context, t: dict) -> str:
-    """Modelled uplink time and measured codec time (``_falcom_eval.summary``); publishes reduction ranges."""
+def _falcom_per_round(run, bws: Sequence[float], latency_s: float) -> dict[str, float]:
+    """``_falcom_eval.summary`` with its run totals (``comm_s@B``, ``e2e_s@B``, ``gather_s``) turned
+    into per-round means, so runs of different lengths compare; adds ``rounds`` and ``logged_up_s``
+    (the run's own ``modelled_uplink_s`` per round, NaN without ``[link]``)."""
     from hpcfl.codecs.methods._falcom_eval import summary
 
+    sm = summary(run, bws, latency_s)
+    n = int(run.n_rounds)
+    out = dict(sm, rounds=float(n))
+    for k in sm:
+        if k.startswith(("comm_s@", "e2e_s@")) or k == "gather_s":
+            out[k] = sm[k] / n if n else math.nan
+    up = np.asarray(run.rounds["modelled_uplink_s"], np.float64) if "modelled_uplink_s" in run.rounds.dtype.names \
+        else np.full(n, np.nan)
+    out["logged_up_s"] = float(up.mean()) if n and np.isfinite(up).all() else math.nan
+    return out
+
+
+def table_falcom_comm(ctx: Context, t: dict) -> str:
+    """Modelled uplink time and measured codec time per round (``_falcom_eval.summary``, per-round means,
+    so an 80-round run compares with the 40-round reference); publishes reduction ranges."""
     bws = [float(b) for b in t.get("bandwidths", [10e6, 100e6])]
+    lat = float(t.get("latency_ms", 0.0)) / 1e3
     ref = ctx.one(t["reference"])
-    ref_sum = summary(ref.run, bws) if ref and ref.usable else None
+    ref_sum = _falcom_per_round(ref.run, bws, lat) if ref and ref.usable else None
     b0 = f"{bws[0] / 1e6:g}Mbit"
     rows, red, red_codec = [], [], []
     for s in ctx.select(t["runs"]):
         if not s.usable:
-            rows.append([run_label(s)] + ["—"] * (3 + 2 * len(bws)))
+            rows.append([run_label(s)] + ["—"] * (6 + 2 * len(bws)))
             continue
-        sm = summary(s.run, bws)
-        cells = [run_label(s), _f(sm["ratio"], ".2f")]
-        cells += [_f(sm[f"comm_s@{b / 1e6:g}Mbit"], ".3g") + " s" for b in bws]
+        sm = _falcom_per_round(s.run, bws, lat)
+        cells = [run_label(s), f"{int(sm['rounds'])}", _f(sm["ratio"], ".2f")]
+        cells += [_f(1e3 * sm[f"comm_s@{b / 1e6:g}Mbit"], ".3g") for b in bws]
         r = 1 - sm[f"comm_s@{b0}"] / ref_sum[f"comm_s@{b0}"] if ref_sum else math.nan
         rc = 1 - sm[f"e2e_s@{b0}"] / ref_sum[f"e2e_s@{b0}"] if ref_sum else math.nan
         cells.append(_f(100 * r, ".1f") + "%")
-        cells += [_f(sm[f"e2e_s@{b / 1e6:g}Mbit"], ".3g") + " s" for b in bws]
+        cells += [_f(1e3 * sm[f"e2e_s@{b / 1e6:g}Mbit"], ".3g") for b in bws]
+        cells += [_f(1e3 * sm["logged_up_s"], ".3g"), _f(1e3 * sm["gather_s"], ".3g")]
         cells += [_f(sm["encode_ms"], ".1f"), _f(sm["decode_ms"], ".1f")]
         rows.append(cells)
         if s.spec.id.startswith("falcom") and math.isfinite(r):
@@ -193,14 +212,18 @@ def table_falcom_comm(ctx: Context, t: dict) -> str:
             red_codec.append(rc)
     name = t.get("name")
     if name and red:
-        ctx.values[f"{name}.reduction"] = (f"{100 * min(red):.1f}%–{100 * max(red):.1f}% modelled link time at "
-                                           f"{bws[0] / 1e6:g} Mbit/s ({len(red)} FalCom runs)")
+        ctx.values[f"{name}.reduction"] = (f"{100 * min(red):.1f}%–{100 * max(red):.1f}% modelled link time per "
+                                           f"round at {bws[0] / 1e6:g} Mbit/s, latency {1e3 * lat:g} ms "
+                                           f"({len(red)} FalCom runs, per-round means)")
         ctx.values[f"{name}.reduction_codec"] = (f"{100 * min(red_codec):+.1f}% to {100 * max(red_codec):+.1f}% "
                                                  "with the measured codec time added (negative: slower than "
                                                  "uncompressed)")
-    head = ["run", "whole-message ratio"] + [f"modelled uplink, {b / 1e6:g} Mbit/s" for b in bws]
-    head += [f"reduction vs {t['reference']} ({bws[0] / 1e6:g} Mbit/s)"]
-    head += [f"+codec, {b / 1e6:g} Mbit/s" for b in bws] + ["encode ms/msg", "decode ms/msg"]
+    head = ["run", "rounds", "whole-message ratio"]
+    head += [f"modelled uplink, {b / 1e6:g} Mbit/s, ms/round" for b in bws]
+    head += [f"reduction vs {t['reference']} ({bws[0] / 1e6:g} Mbit/s, per round)"]
+    head += [f"+codec, {b / 1e6:g} Mbit/s, ms/round" for b in bws]
+    head += ["run file's modelled_uplink_s, ms/round", "measured gather_s, ms/round", "encode ms/msg",
+             "decode ms/msg"]
     return md_table(head, rows)
 
 
@@ -246,7 +269,7 @@ def _why(s: RunState) -> str:
 
 def table_marginal(ctx: Context, t: dict) -> str:
     """Marginal per-bit accuracy across rates (``hpcfl.results.perbit``); publishes ``@name.first_bit``."""
-    from hpcfl.results.perbit import marginal_per_bit, markdown_table
+    from hpcfl.results.perbit import acc0_kind, marginal_per_bit, markdown_table
 
     states = ctx.select(t["runs"])
     used = [s for s in states if s.usable]
@@ -259,8 +282,12 @@ def table_marginal(ctx: Context, t: dict) -> str:
     if t.get("name"):
         ctx.values[f"{t['name']}.first_bit"] = "first bit: " + "; ".join(
             f"{w['label']} {w['marginal']:+.3f} acc per bit/entry (R={w['rate']:g})" for w in first.values())
+    kinds = {acc0_kind(w["acc0_source"]) for w in rows}
+    acc0 = ("chance 1/classes, as these runs predate the logged initial accuracy" if kinds == {"chance"} else
+            "the logged initial accuracy, before round 0" if kinds == {"logged"} else
+            "the logged initial accuracy before round 0, or chance 1/classes for runs without it")
     return markdown_table(rows) + "\n\nd acc and marginal are against the next lower rate of the same group (the " \
-        "lowest rate against chance at 0 bits); bits per entry are measured." + _missing_note(states)
+        f"lowest rate against Acc_0 at 0 bits: {acc0}); bits per entry are measured." + _missing_note(states)
 
 
 # ------------------------------------------------------------------ AltSpace

@@ -179,6 +179,7 @@ class UpdateCodec:
             raise KeyError(f"update lacks tensors {missing[:3]}")
         records = []
         stats: list[tuple[int, str, float]] = []
+        ratios: list[tuple[int, str, float]] = []  # every slot's 4n / parts bytes (see below)
         recon: dict[str, torch.Tensor] | None = {} if want_recon else None
         for slot in self.slots:
             codec = self.codec_for(slot)
@@ -186,6 +187,9 @@ class UpdateCodec:
             ctx = self._ctx(slot, state, client, round, want_recon, side, enc_state=True, glob=glob)
             enc = codec.encode(x, ctx)
             stats.extend((slot.index, k, float(v)) for k, v in enc.stats.items())
+            if "ratio" not in enc.stats:
+                pay = enc.payload_bytes
+                ratios.append((slot.index, "ratio", 4.0 * slot.numel / pay if pay else math.nan))
             state.for_tensor(slot.name).last_round = round
             keys = self._keys[id(codec)]
             parts = []
@@ -197,6 +201,13 @@ class UpdateCodec:
             if recon is not None:
                 r = enc.recon if enc.recon is not None else codec.decode(_plain(enc), ctx)
                 self.scatter_slot(slot, r, recon)
+        if ratios and any(k == "ratio" for _, k, _ in stats):
+            # The codec logs a per-tensor ``ratio`` (SZ3, ZFP, FalCom: 4n / the tensor's parts, their raw
+            # fallbacks included): then every other slot, e.g. the dense route's zstd'd small tensors, gets
+            # one by the same formula (the table of contents is not counted, as for the codec's). So
+            # /codec_stats holds each slot's payload (4n / ratio), and the slots' payloads sum to the
+            # message's payload_bytes. Jobs whose codec logs no per-tensor ratio keep their stat sets.
+            stats.extend(ratios)
         msg = Message(self.hash, round, client, records, flags=FLAG_CRC if self.checksum else 0)
         data = pack(msg)
         return EncodeResult(data, msg.payload_bytes, msg.header_bytes, self.raw_bytes, recon, stats)

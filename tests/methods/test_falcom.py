@@ -16,6 +16,7 @@ from hpcfl.codecs.eblc import BACKENDS, ErrorBoundViolation
 from hpcfl.codecs.methods._falcom_eval import modelled_round_times
 from hpcfl.codecs.methods._falcom_predict import kernel_signs, unpack_levels
 from hpcfl.codecs.methods.falcom import DIRECT, FLAG_ZBITS, PREDICTIVE
+from hpcfl.codecs.wire import unpack
 from hpcfl.errors import WireFormatError
 
 ROUTING = {"lossy_patterns": ["*weight*"], "min_numel": 1025, "dense": {"id": "zstd", "level": 10}}
@@ -150,6 +151,71 @@ def test_no_predictable_kernel_means_sz3(fl):
             n_lossy = sum(s.route == "lossy" for s in ucs["sz3"].slots)
             assert 8 * n_lossy < extra < n_lossy * (8 + 8 + 64)
 
+
+
+def test_plain_sz3_path_for_large_fc_weights_on_real_cnn2_updates():
+    """The ResNet job has no large non-conv weight, so FalCom's plain-SZ3 path for 2-D tensors is
+    exercised here on real FedAvg updates of cnn2 on digits (fc1 500 x 200 and fc2 10 x 500 above the
+    1024-element cutoff, conv2 50 x 20 x 5 x 5), 3 clients, rounds 0-2, at REL 1e-2, 1e-3 and 1e-4
+    side by side (FalCom at 1e-3 drives training; each bound has its own client and root state).
+    Every lossy tensor of every message meets eb = eps * range; the fc weights take the direct path
+    with exactly SZ3's parts in every round, round 0 included, and keep no FalCom state; the conv
+    weight takes the direct path in round 0 and the predictive one afterwards."""
+    from hpcfl.config.load import job_from_dict
+    from hpcfl.fl.client import LocalTrainer
+    from hpcfl.run.setup import build_setup
+
+    job = job_from_dict({"data": {"dataset": "digits", "n_clients": CLIENTS, "partition": "dirichlet", "alpha": 1.0},
+                         "model": {"name": "cnn2", "cnn_padding": "same"},
+                         "train": {"local_steps": 4, "batch_size": 16, "lr": 0.05}})
+    s = build_setup(job)
+    tr = LocalTrainer(s.model, job.train.to_dict(), torch.from_numpy(s.data.x_train),
+                      torch.from_numpy(s.data.y_train), 0)
+    bounds = (1e-2, 1e-3, 1e-4)
+    fal = {e: UpdateCodec({"id": "falcom", "eps": e}, ROUTING, s.params) for e in bounds}
+    sz3 = {e: UpdateCodec({"id": "sz3", "eps": e}, ROUTING, s.params) for e in bounds}
+    lossy = {sl.name: sl for sl in fal[1e-3].slots if sl.route == "lossy"}
+    assert {n: sl.shape for n, sl in lossy.items()} == {"conv2.weight": (50, 20, 5, 5), "fc1.weight": (500, 200),
+                                                        "fc2.weight": (10, 500)}
+    cst = {e: [CodecState() for _ in range(CLIENTS)] for e in bounds}
+    rst = {e: [CodecState() for _ in range(CLIENTS)] for e in bounds}
+    flat = torch.cat([p.detach().reshape(-1) for p in s.model.parameters()])
+    checked = 0
+    for r in range(3):
+        agg = torch.zeros_like(flat)
+        for c in range(CLIENTS):
+            up = tr.train(flat, s.client_idx[c], c, r).update
+            for eps in bounds:
+                uc = fal[eps]
+                res = uc.encode(up, client=c, round=r, state=cst[eps][c], want_recon=True)
+                dec = uc.decode(res.data, client=c, round=r, state=rst[eps][c])
+                assert cst[eps][c].digest("shared") == rst[eps][c].digest("shared")
+                ref = sz3[eps].encode(up, client=c, round=r, state=CodecState())
+                got, want = unpack(res.data).tensors, unpack(ref.data).tensors
+                assert sorted({i for i, k, _ in res.stats if k == "ratio"}) == [sl.index for sl in uc.slots]
+                for name, sl in lossy.items():
+                    x, y = up[name].double(), dec.update[name].double()
+                    assert torch.equal(dec.update[name], res.recon[name])
+                    eb = _stat(res.stats, sl.index, "eb")
+                    assert 0 < eb <= eps * float(x.max() - x.min())
+                    err = float((x - y).abs().max())
+                    assert 0 < err <= eb, (eps, r, c, name)
+                    assert _stat(res.stats, sl.index, "max_err_over_eb") == err / eb <= 1.0
+                    path = _stat(res.stats, sl.index, "path")
+                    if len(sl.shape) == 2:  # plain SZ3: SZ3's flags and parts, byte for byte
+                        assert path == DIRECT, (eps, r, c, name)
+                        assert got[sl.index].flags == want[sl.index].flags == DIRECT
+                        assert [(p.key, p.data.tobytes()) for p in got[sl.index].parts] == \
+                            [(p.key, p.data.tobytes()) for p in want[sl.index].parts]
+                        assert _stat(res.stats, sl.index, "ratio") == _stat(ref.stats, sl.index, "ratio") > 1
+                        assert not cst[eps][c].tensors[name].shared.get("", {})  # no FalCom history
+                    else:
+                        assert path == (DIRECT if r == 0 else PREDICTIVE), (eps, r, c, name)
+                    checked += 1
+                if eps == 1e-3:
+                    agg += torch.cat([dec.update[n].reshape(-1) for n, _ in s.params]) / CLIENTS
+        flat = flat - agg
+    assert checked == 3 * CLIENTS * len(bounds) * len(lossy)
 
 def test_no_clipping_keeps_the_bound():
     """A same-signed tensor: the authors' clip of the residual to [min G, max G] would put the
