@@ -19,7 +19,8 @@ from common import assert_bitwise_equal, corruptions, make_update  # noqa: E402
 from hpcfl.codecs import CodecState, UpdateCodec, get_codec  # noqa: E402
 from hpcfl.codecs.base import Ctx  # noqa: E402
 from hpcfl.codecs.methods._altspace_basis import (aggregate_mapped, basis_from_vectors, eff_rank,  # noqa: E402
-                                                  moment_vectors, svd_vectors)
+                                                  moment_vectors, svd_vectors, truncated_svd_vectors,
+                                                  uses_truncated_svd)
 from hpcfl.codecs.methods.altspace import FLAG_BASES, FLAG_DENSE, FLAG_MAPPED  # noqa: E402
 from hpcfl.codecs.sparsify import read_sparse  # noqa: E402
 from hpcfl.codecs.update import GlobalView  # noqa: E402
@@ -124,6 +125,85 @@ def test_bases_orthogonal_and_map_lossless(shape, rank):
         y = b.forward(x)
         assert abs(float(y.norm()) - float(x.norm())) < 1e-12 * float(x.norm())
         assert float((b.inverse(y) - x).abs().max()) < 1e-12 * float(x.abs().max())
+
+
+def _gapped(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
+    """An m x n matrix whose singular values drop 100x after the r-th (known top-r subspace)."""
+    g = torch.Generator().manual_seed(seed)
+    d = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64)).Q
+    sv = torch.cat([torch.linspace(10, 5, r, dtype=torch.float64), torch.linspace(0.05, 0.001, d - r,
+                                                                                  dtype=torch.float64)])
+    return (u * sv) @ v.T
+
+
+def _max_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle (radians) between the column spans of orthonormal a and b."""
+    return float(torch.arccos(torch.linalg.svdvals(a.T @ b).clamp(max=1.0)).max())
+
+
+@pytest.mark.parametrize("shape,r", [((300, 200), 8), ((120, 400), 20)])
+def test_truncated_svd_orthonormal_lossless_and_matches_full_subspace(shape, r):
+    """Small rank: the randomized solver (not the full SVD) gives orthonormal vectors spanning the
+    full SVD's top-r subspace (spectral gap), completed to a lossless map; same seed, same bits."""
+    m, n = shape
+    assert uses_truncated_svd(m, n, r) and not uses_truncated_svd(m, n, min(m, n))
+    x = _gapped(m, n, r).float()
+    u, v = svd_vectors(x, m, n, r, seed=5)
+    assert u.shape == (m, r) and v.shape == (n, r)
+    for t in (u, v):
+        assert float((t.T @ t - torch.eye(r, dtype=torch.float64)).abs().max()) < 1e-12
+    uf, _, vhf = torch.linalg.svd(x.double(), full_matrices=False)
+    assert _max_angle(u, uf[:, :r]) < 1e-6 and _max_angle(v, vhf[:r].T) < 1e-6
+    b = basis_from_vectors(u, v)
+    for side in (b.u, b.v):
+        q = side.matrix()
+        assert float((q.T @ q - torch.eye(side.dim, dtype=torch.float64)).abs().max()) < 1e-12
+    y = torch.randn(m, n, dtype=torch.float64, generator=_gen("trunc", shape))
+    assert float((b.inverse(b.forward(y)) - y).abs().max()) < 1e-12 * float(y.abs().max())
+    assert float((b.forward(b.inverse(y)) - y).abs().max()) < 1e-12 * float(y.abs().max())
+    # deterministic: the same input and seed give the same bits (client and root both build it)
+    u2, v2 = svd_vectors(x.clone(), m, n, r, seed=5)
+    assert torch.equal(u, u2) and torch.equal(v, v2)
+    assert basis_from_vectors(u2, v2).crc == b.crc
+    assert not torch.equal(truncated_svd_vectors(x.double(), r, 6)[0], u)  # the seed is the start block
+
+
+def test_max_full_rank_caps_rank_zero():
+    assert eff_rank(0, 500, 200) == 200 and eff_rank(0, 500, 200, 256) == 200
+    assert eff_rank(0, 1200, 1000, 256) == 256 and eff_rank(0, 1200, 1000, 0) == 1000
+    assert eff_rank(300, 1200, 1000, 256) == 300  # an explicit rank wins over the cap
+    assert get_codec({"id": "altspace"}).max_full_rank == 256
+
+
+def test_truncated_shared_bases_identical_on_client_and_root_and_lossless():
+    """A layer above max_full_rank takes the randomized truncated basis: client and root build the
+    same bits (the 13-bit check passes, the lockstep CRC agrees, recon == decode bit for bit), and
+    at ratio 1 the decode is the update to float tolerance (the complement keeps the map lossless)."""
+    m, n = 120, 90
+    params = (("fc.weight", (m, n)),)
+    for ratio in (0.05, 1.0):
+        cfg = {"id": "ef", "inner": {"id": "altspace", "ratio": ratio, "max_full_rank": 4}}
+        cl = UpdateCodec(cfg, {}, params, seed=11)
+        root = UpdateCodec(cl.config["codec"], cl.config["routing"], params, dense=cl.config["dense"], seed=11)
+        assert uses_truncated_svd(m, n, eff_rank(0, m, n, 4))
+        cs, rs = CodecState(), CodecState()
+        for r in range(3):
+            ref = _gapped(m, n, 4, seed=r).float()
+            glob = [u.global_slots(GlobalView(torch.zeros(m * n), None if r == 0 else ref.reshape(-1)))
+                    for u in (cl, root)]
+            x = {"fc.weight": ref + 0.1 * torch.randn(m, n, generator=_gen("x", r))}
+            res = cl.encode(x, client=0, round=r, state=cs, want_recon=True, glob=glob[0])
+            dec = root.decode(res.data, client=0, round=r, state=rs, glob=glob[1])
+            assert bool(dec.flags["fc.weight"] & FLAG_MAPPED) == (r > 0)
+            assert_bitwise_equal(res.recon["fc.weight"], dec.update["fc.weight"], f"round {r}")
+            assert cs.digest("shared") == rs.digest("shared")
+            if ratio == 1.0:
+                assert float((dec.update["fc.weight"] - x["fc.weight"]).abs().max()) \
+                    <= 1e-6 * float(x["fc.weight"].abs().max())
+        st = rs.tensors["fc.weight"].shared["inner"]
+        assert st["crc"] == cs.tensors["fc.weight"].shared["inner"]["crc"]
 
 
 def test_map_concentrates_structured_energy():

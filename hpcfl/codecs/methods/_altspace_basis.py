@@ -13,8 +13,15 @@ the other ``dim - r`` columns an orthonormal complement. ``Q`` is never material
 (``rank``) and the map still is exactly orthogonal -- to float64 rounding, whatever ``U_r`` holds
 (even a float32-rounded or corrupted ``U_r``: reflectors are orthogonal by construction).
 
+The data vectors of a shared reference (:func:`svd_vectors`) come from the full thin SVD when ``r``
+is close to ``min(m, n)``, and from a randomized subspace iteration (Halko, Martinsson, Tropp 2011,
+Alg. 4.4) when ``r`` is small: O(m n (r + p)) per pass instead of O(m n min(m, n)), so ``rank``
+(or the codec's ``max_full_rank`` cap) bounds the cost of building a basis as well as of the map.
+
 Determinism: client and root build a basis with the same torch ops on the same input, which gives
 bit-identical reflectors on one machine with the thread count fixed (hpcfl runs single-threaded).
+The randomized solver keeps this: its start block is drawn from a ``torch.Generator`` seeded by
+:func:`hpcfl.seeding.derive_seed` of the job seed and the layer shape, which both sides know.
 Across CPUs LAPACK may round differently; :attr:`LayerBasis.crc` (CRC32 of the reflectors) lets
 the root detect it (codec option ``verify``).
 """
@@ -30,12 +37,23 @@ import numpy as np
 import torch
 
 __all__ = ["SideBasis", "LayerBasis", "side_from_vectors", "basis_from_vectors", "svd_vectors",
-           "moment_vectors", "aggregate_mapped", "eff_rank"]
+           "truncated_svd_vectors", "uses_truncated_svd", "moment_vectors", "aggregate_mapped", "eff_rank"]
+
+OVERSAMPLE = 10     # randomized SVD: extra columns in the sampled block (p)
+POWER_ITERS = 4     # randomized SVD: subspace (power) iterations (q), each re-orthonormalised by QR
+TRUNCATE_BELOW = 4  # randomized SVD when TRUNCATE_BELOW * (r + p) <= min(m, n), else the full thin SVD
 
 
-def eff_rank(rank: int, m: int, n: int) -> int:
-    """Data vectors per side: ``min(m, n)`` for ``rank = 0``, else ``min(rank, m, n)``."""
-    return min(m, n) if rank <= 0 else min(rank, m, n)
+def eff_rank(rank: int, m: int, n: int, max_full_rank: int = 0) -> int:
+    """Data vectors per side.
+
+    ``rank > 0``: ``min(rank, m, n)``. ``rank = 0``: ``min(m, n)`` -- but at most ``max_full_rank``
+    when that is > 0, so a large layer gets a truncated basis plus its orthogonal complement.
+    """
+    if rank > 0:
+        return min(rank, m, n)
+    full = min(m, n)
+    return full if max_full_rank <= 0 else min(full, max_full_rank)
 
 
 @dataclass(frozen=True)
@@ -106,14 +124,45 @@ def basis_from_vectors(u_r: torch.Tensor, v_r: torch.Tensor, t0: float | None = 
     return LayerBasis(u, v, _crc(u.a, u.tau, v.a, v.tau), time.perf_counter() - t0)
 
 
-def svd_vectors(src: torch.Tensor, m: int, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def uses_truncated_svd(m: int, n: int, r: int) -> bool:
+    """Whether :func:`svd_vectors` takes the randomized solver for ``r`` vectors of an ``m x n`` matrix."""
+    return TRUNCATE_BELOW * (r + OVERSAMPLE) <= min(m, n)
+
+
+def truncated_svd_vectors(s: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate leading ``r`` left/right singular vectors of the float64 matrix ``s`` (m x n):
+    randomized subspace iteration (Halko et al. 2011, Alg. 4.4) from a Gaussian start block drawn
+    from a generator seeded with ``seed``; deterministic for equal ``s``, ``seed`` and thread count.
+
+    Columns are orthonormal (to float64 rounding) and ordered by the approximate singular values.
+    With a gap after the r-th singular value the subspace converges like (s_{l+1}/s_r)^(2q+1),
+    l = r + p; without one the vectors still span directions of near-top energy.
+    """
+    m, n = s.shape
+    l = min(r + OVERSAMPLE, m, n)
+    g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    omega = torch.randn(n, l, generator=g, dtype=torch.float64)
+    st = s.T.contiguous()  # the passes are memory-bound: both operands row-major
+    q = torch.linalg.qr(s @ omega).Q
+    for _ in range(POWER_ITERS):
+        q = torch.linalg.qr(s @ torch.linalg.qr(st @ q).Q).Q
+    ub, _, vh = torch.linalg.svd(q.T @ s, full_matrices=False)  # l x n: cheap
+    return q @ ub[:, :r], vh[:r].T.contiguous()
+
+
+def svd_vectors(src: torch.Tensor, m: int, n: int, r: int, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Leading ``r`` left/right singular vectors of the ``m x n`` reference (float64).
 
-    None if the reference is zero or not finite (the codec then falls back to plain top-k).
+    The full thin SVD when ``r`` is close to ``min(m, n)``; the seeded randomized solver
+    (:func:`truncated_svd_vectors`) when :func:`uses_truncated_svd`. None if the reference is zero
+    or not finite (the codec then falls back to plain top-k).
     """
     s = src.detach().reshape(m, n).to(torch.float64)
     if not bool(torch.isfinite(s).all()) or not bool(s.any()):
         return None
+    if uses_truncated_svd(m, n, r):
+        return truncated_svd_vectors(s, r, seed)
     u, _, vh = torch.linalg.svd(s, full_matrices=False)
     return u[:, :r], vh[:r].T
 

@@ -20,6 +20,7 @@ import torch
 from hpcfl.codecs.base import Ctx, Encoded, PartError, need_part, to_numpy
 from hpcfl.codecs.methods._altspace_basis import LayerBasis, basis_from_vectors, eff_rank, moment_vectors, svd_vectors
 from hpcfl.codecs.sparsify import count_for
+from hpcfl.seeding import derive_seed
 
 __all__ = ["BasisProvider", "FLAG_MAPPED", "FLAG_BASES", "FLAG_DENSE", "CHECK_SHIFT", "CHECK_MASK", "wire_cost"]
 
@@ -56,6 +57,7 @@ class BasisProvider:
 
     basis: str
     rank: int
+    max_full_rank: int
     refresh: int
     budget: str
     index: str
@@ -97,12 +99,18 @@ class BasisProvider:
         src = self._reference(ctx)
         if src is None:
             return None, 0.0
-        r = eff_rank(self.rank, m, n)
+        r = self._rank(m, n)
+        # the randomized SVD's start block: the same on every rank and for every client of the layer
+        seed = derive_seed(ctx.job_seed, "altspace-svd", m, n, r)
 
         def build() -> LayerBasis | None:
-            vecs = svd_vectors(src, m, n, r)
+            vecs = svd_vectors(src, m, n, r, seed)
             return None if vecs is None else basis_from_vectors(*vecs)
-        return self._cached(_key(src.float()) + bytes(f"svd{m}x{n}r{r}", "ascii"), build)
+        return self._cached(_key(src.float()) + bytes(f"svd{m}x{n}r{r}s{seed}", "ascii"), build)
+
+    def _rank(self, m: int, n: int) -> int:
+        """Data vectors per side for an m x n layer (``rank``, or the ``max_full_rank`` cap)."""
+        return eff_rank(self.rank, m, n, self.max_full_rank)
 
     def _factor_basis(self, u: np.ndarray, v: np.ndarray, m: int, n: int) -> tuple[LayerBasis, float]:
         ut = torch.from_numpy(np.array(u, np.float32).reshape(m, -1))
@@ -116,7 +124,7 @@ class BasisProvider:
         sh = ctx.shared
         fresh = "u" not in sh or ctx.round - int(sh["round"]) >= self.refresh
         t0 = time.perf_counter()
-        vecs = moment_vectors(ctx.side, m, n, eff_rank(self.rank, m, n)) if fresh else None
+        vecs = moment_vectors(ctx.side, m, n, self._rank(m, n)) if fresh else None
         if vecs is not None:
             u, v = (to_numpy(t.float()).reshape(-1) for t in vecs)
             b, _ = self._factor_basis(u, v, m, n)
@@ -171,7 +179,7 @@ class BasisProvider:
                 raise PartError("flags", "a mapped message without bases, and no earlier bases from this client")
             b, _ = self._factor_basis(to_numpy(ctx.shared["u"]), to_numpy(ctx.shared["v"]), m, n)
             return b, None, ()
-        r = eff_rank(self.rank, m, n)
+        r = self._rank(m, n)
         got = []
         for name, dim in (("basis_u", m), ("basis_v", n)):
             a = need_part(enc, name, np.float32, min_size=dim, max_size=dim * r)

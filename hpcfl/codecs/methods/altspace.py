@@ -21,6 +21,11 @@ hence param ``basis``:
   ``rank`` and sent as float32 parts ``basis_u`` (m x r) and ``basis_v`` (n x r): +4r(m+n) B.
 * ``identity``: no map; messages equal ``topk``'s with the same ratio/k/index, part for part.
 
+``rank = r`` takes r data vectors per side and completes them with an orthogonal complement
+(lossless whatever r); ``rank = 0`` takes min(m, n), capped at ``max_full_rank`` (default 256) so
+a large layer's basis and map cost stay bounded. For r well below min(m, n) the shared bases come
+from a seeded randomized SVD rather than the full one (:func:`._altspace_basis.svd_vectors`).
+
 ``refresh = P`` keeps a basis P rounds (shared/weights: the reference is stored per client on
 both sides; client: the root keeps the last bases it received). ``budget = "bytes"`` lowers k so
 a slot costs no more wire bytes than ``topk``'s at the same ratio (bases, CRC, their part
@@ -81,8 +86,11 @@ class AltSpace(BasisProvider, Codec):
                        "weights (global weights), client (own activation/gradient moments, sent), identity.",
                        choices=BASES),
         "ratio": _ratio_param(), "k": _k_param(), "index": _index_param(),
-        "rank": Param(int, 0, "Data vectors per side (0 = min(m, n)); the rest is the orthogonal complement.",
-                      min=0),
+        "rank": Param(int, 0, "Data vectors per side (0 = min(m, n), capped by max_full_rank); the rest is the "
+                      "orthogonal complement.", min=0),
+        "max_full_rank": Param(int, 256, "rank = 0: a layer with min(m, n) above this takes this many data vectors "
+                               "plus the orthogonal complement (still lossless), bounding basis and map cost; "
+                               "0 = no cap.", min=0),
         "refresh": Param(int, 1, "Rounds a basis is kept before it is rebuilt.", min=1),
         "budget": Param(str, "entries", "entries: k from ratio, bases on top; bytes: fewer entries so a "
                         "message is no larger than topk's at the same ratio.", choices=("entries", "bytes")),
@@ -262,7 +270,7 @@ class AltSpace(BasisProvider, Codec):
 
 @register_recipe("altspace_ef", "altspace (top-k in an orthogonal per-layer space) with error feedback in the "
                  "original space", {"basis": "shared", "ratio": 0.01, "k": 0, "index": "auto", "rank": 0,
-                                    "refresh": 1, "budget": "entries", "vectors": "dense", "verify": "flags",
-                                    "diagnostics": True})
+                                    "max_full_rank": 256, "refresh": 1, "budget": "entries", "vectors": "dense",
+                                    "verify": "flags", "diagnostics": True})
 def _altspace_ef(p: dict) -> dict:
     return {"id": "ef", "inner": {"id": "altspace", **p}}
