@@ -183,3 +183,109 @@ def test_cli_report_and_merge(tmp_path, runs, capsys):
     got = list(csv.DictReader(io.StringIO((tmp_path / "s.csv").read_text())))
     assert [g["rounds_to_target"] for g in got] == ["3", ""]
     assert main(["merge", str(d), "-o", str(tmp_path / "s.txt")]) == 2
+
+
+# ------------------------------------------------------------------ per-bit accuracy in the report
+
+# three top-k runs that differ only in ratio (the rate), one with a logged initial accuracy
+RATES = {"r1": {"acc": [0.3, NAN, 0.5], "up": [60, 60, 60], "compute": [(0.01, 0.01)] * 3, "ratio": 0.01},
+         "r2": {"acc": [0.4, 0.5, 0.7], "up": [110, 110, 110], "compute": [(0.01, 0.01)] * 3, "ratio": 0.05},
+         "r3": {"acc": [0.5, 0.6, 0.75], "up": [210, 210, 210], "compute": [(0.01, 0.01)] * 3, "ratio": 0.1}}
+
+
+@pytest.fixture
+def rate_runs(tmp_path):
+    paths = [write(tmp_path / "rates" / f"{k}.h5", spec) for k, spec in RATES.items()]
+    with h5py.File(paths[0], "a") as f:
+        f.attrs["initial_accuracy"] = 0.12
+    return paths
+
+
+def _by_hand(path):
+    """PBA_total and its per-round series straight from the HDF5 arrays (not through hpcfl.results)."""
+    with h5py.File(path) as f:
+        acc = f["rounds"]["accuracy"].astype(float)
+        bits = f["rounds"]["uplink_bytes"].astype(float) * 8
+        raw = f["rounds"]["raw_bytes"].astype(float)
+        a0 = float(f.attrs["initial_accuracy"]) if "initial_accuracy" in f.attrs else 0.1  # digits: 10 classes
+    ev = np.flatnonzero(~np.isnan(acc))
+    cum = np.cumsum(bits)[ev]
+    prev_acc = np.concatenate([[a0], acc[ev][:-1]])
+    prev_bits = np.concatenate([[0.0], cum[:-1]])
+    return {"acc0": a0, "total": (acc[ev][-1] - a0) / bits.sum(), "round": ev.tolist(),
+            "per_round": ((acc[ev] - prev_acc) / (cum - prev_bits)).tolist(),
+            "cumulative": ((acc[ev] - a0) / cum).tolist(),
+            "bpe": 32 * bits.sum() / 8 / raw.sum(), "final": acc[ev][-1]}
+
+
+def test_report_rows_carry_both_per_bit_definitions(rate_runs):
+    entries, _ = collect(rate_runs)
+    rows = compare(entries)
+    hand = [_by_hand(p) for p in rate_runs]
+    for r, h in zip(rows, hand):
+        pb = r["per_bit"]
+        assert r["acc0"] == pytest.approx(h["acc0"]) and pb["acc0"] == pytest.approx(h["acc0"])
+        assert r["per_bit_accuracy"] == pytest.approx(h["total"]) and pb["total"] == pytest.approx(h["total"])
+        assert pb["round"] == h["round"]
+        np.testing.assert_allclose(pb["per_round"], h["per_round"])
+        np.testing.assert_allclose(pb["cumulative"], h["cumulative"])
+        assert pb["bits_per_entry"] == pytest.approx(h["bpe"]) == pytest.approx(r["bits_per_param"])
+        assert "Acc_0" in pb["definition_total"] and "b(R')" in pb["definition_marginal"]
+    assert [r["acc0_source"] for r in rows] == ["logged", "chance", "chance"]
+    assert rows[0]["per_bit"]["acc0_source"].startswith("logged")
+    # marginal: the runs differ only in ratio, so each is measured against the next lower rate
+    assert [r["per_bit_marginal_vs"] for r in rows] == ["0 bits", rows[0]["label"], rows[1]["label"]]
+    assert rows[0]["per_bit_marginal"] == pytest.approx((hand[0]["final"] - 0.12) / hand[0]["bpe"])
+    for i in (1, 2):
+        want = (hand[i]["final"] - hand[i - 1]["final"]) / (hand[i]["bpe"] - hand[i - 1]["bpe"])
+        assert rows[i]["per_bit_marginal"] == pytest.approx(want)
+        m = rows[i]["per_bit"]["marginal"]
+        assert m["rate_param"] == "ratio" and m["d_acc"] == pytest.approx(hand[i]["final"] - hand[i - 1]["final"])
+    # one run alone: against 0 bits at its Acc_0
+    alone = compare([entries[1]])[0]
+    assert alone["per_bit_marginal_vs"] == "0 bits"
+    assert alone["per_bit_marginal"] == pytest.approx((hand[1]["final"] - 0.1) / hand[1]["bpe"])
+    # runs that differ in more than the codec (run.rounds here) are not compared with each other
+    a, b = compare(collect([rate_runs[0]])[0] + [Entry(load_run(write(rate_runs[0].parent / "long.h5", RUN_A)))])
+    assert a["per_bit_marginal_vs"] == b["per_bit_marginal_vs"] == "0 bits"
+
+
+def test_report_per_bit_table_csv_json(rate_runs):
+    entries, _ = collect(rate_runs)
+    rows = compare(entries)
+    table = format_table(rows)
+    i = table.index("per-bit accuracy")
+    per_bit = table[i:].splitlines()
+    assert per_bit[1].split()[:4] == ["run", "Acc0", "from", "acc/Mbit"]
+    assert per_bit[3].split()[1:3] == ["0.1200", "logged"] and per_bit[4].split()[1:3] == ["0.1000", "chance"]
+    assert f"{rows[2]['per_bit_marginal']:+.4g}" in per_bit[5] and rows[1]["label"] in per_bit[5]
+    assert "chance 1/classes for an" in table and "1/classes) per Mbit" not in table
+
+    got = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert [g["acc0_source"] for g in got] == ["logged", "chance", "chance"]
+    assert float(got[0]["acc0"]) == 0.12 and got[0]["per_bit_marginal_vs"] == "0 bits"
+    assert float(got[2]["per_bit_marginal"]) == pytest.approx(rows[2]["per_bit_marginal"])
+    assert float(got[2]["per_bit_marginal_d_acc"]) == pytest.approx(0.05)
+    d = [json.loads(line) for line in to_json_lines(rows).splitlines()]
+    assert d[0]["per_bit"]["round"] == [0, 2] and d[0]["per_bit"]["accuracy"] == [0.3, 0.5]
+    assert d[0]["per_bit"]["bits_cum"] == [480.0, 1440.0]
+    assert d[0]["per_bit"]["per_round"] == pytest.approx([(0.3 - 0.12) / 480, 0.2 / 960])
+
+
+def test_cli_single_run_per_bit_block(rate_runs, capsys):
+    from hpcfl.cli import main
+
+    h = _by_hand(rate_runs[0])
+    assert main(["report", str(rate_runs[0])]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("per-bit accuracy"):].splitlines()
+    assert block[0].startswith("per-bit accuracy (methods.md §4.5): Acc0 0.1200 (logged")
+    assert block[1].split()[:2] == ["total:", f"{h['total'] * 1e6:.4g}"]
+    assert block[2].split()[:2] == ["marginal:", f"{(h['final'] - 0.12) / h['bpe']:+.4g}"] and "0 bits" in block[2]
+    assert f"round 1 {h['per_round'][0] * 1e6:.4g}, round 3 {h['per_round'][1] * 1e6:.4g}" in block[3]
+    assert main(["report", str(rate_runs[1])]) == 0
+    assert "Acc0 0.1000 (chance 1/classes" in capsys.readouterr().out
+    assert main(["report", str(rate_runs[0]), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(d["per_bit"]["cumulative"], h["cumulative"])
+    assert d["acc0_source"] == "logged" and d["per_bit_marginal_vs"] == "0 bits"

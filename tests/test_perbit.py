@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from hpcfl.results import load_run
-from hpcfl.results.perbit import (bits_per_entry, initial_accuracy, marginal_per_bit, markdown_table,
-                                  nominal_rate, per_bit_accuracy)
+from hpcfl.results.perbit import (acc0_kind, bits_per_entry, initial_accuracy, marginal_per_bit, markdown_table,
+                                  nominal_rate, per_bit_accuracy, rate_params)
 from hpcfl.results.writer import RunLog
 
 NAN = math.nan
@@ -37,12 +37,14 @@ def write(path, acc, up, *, codec=None, dataset="digits", header=10, raw=400, se
 def test_total_and_per_round_by_hand(tmp_path):
     run = write(tmp_path / "a.h5", [0.3, NAN, 0.5, 0.55], [100, 100, 200, 300])
     p = per_bit_accuracy(run)
-    assert p["acc0"] == 0.1 and p["acc0_source"].startswith("chance")
+    assert p["acc0"] == 0.1 and p["acc0_source"].startswith("chance") and acc0_kind(p["acc0_source"]) == "chance"
     assert p["total"] == pytest.approx((0.55 - 0.1) / (8 * 700))
     assert p["bits_total"] == 8 * 700 and p["acc_final"] == 0.55
     assert list(p["rounds"]) == [0, 2, 3]  # round 1 was not evaluated: its bits count toward round 2
     np.testing.assert_allclose(p["per_round"], [0.2 / 800, 0.2 / (8 * 300), 0.05 / (8 * 300)])
     np.testing.assert_allclose(p["cumulative"], [0.2 / 800, 0.4 / (8 * 400), 0.45 / (8 * 700)])
+    np.testing.assert_allclose(p["accuracy"], [0.3, 0.5, 0.55])
+    np.testing.assert_allclose(p["bits_cum"], [800, 8 * 400, 8 * 700])
     # the per-round values, weighted by their bits, add up to the total
     steps = np.diff(np.concatenate([[0], np.cumsum(np.array([100, 100, 200, 300]) * 8)[p["rounds"]]]))
     assert float((p["per_round"] * steps).sum() / steps.sum()) == pytest.approx(p["total"])
@@ -108,3 +110,41 @@ def test_marginal_groups_by_setup_and_custom_keys(tmp_path):
     assert len({w["group"] for w in rows}) == 2  # another seed is another experiment
     rows = marginal_per_bit([a, b], group=lambda r: "all", rate=lambda r: r.codec["codec"]["bits"])
     assert [w["rate"] for w in rows] == [2, 3] and rows[1]["d_acc"] == pytest.approx(0.1)
+
+
+def test_marginal_rows_name_what_they_are_measured_against(tmp_path):
+    runs = [write(tmp_path / f"r{R}.h5", [a], [100 * R + 16], codec={"id": "mwq", "bits": R, "m": 0.0})
+            for R, a in ((3, 0.75), (1, 0.5), (2, 0.7))]
+    with h5py.File(runs[1].path, "a") as f:  # the lowest rate has a logged Acc_0
+        f.attrs["initial_accuracy"] = 0.08
+    runs[1] = load_run(runs[1].path)
+    rows = marginal_per_bit(runs)
+    assert [w["index"] for w in rows] == [1, 2, 0]  # sorted by rate; index = position in the input
+    assert [w["vs_index"] for w in rows] == [None, 1, 2]
+    assert acc0_kind(rows[0]["acc0_source"]) == "logged" and rows[0]["d_acc"] == pytest.approx(0.5 - 0.08)
+    bpe = 32 * 116 / 400
+    assert rows[0]["marginal"] == pytest.approx(0.42 / bpe)
+
+
+def test_auto_rate_groups_codecs_without_bits(tmp_path):
+    topk = [write(tmp_path / f"t{r}.h5", [a], [u], codec={"id": "topk", "ratio": r})
+            for r, a, u in ((0.1, 0.6, 300), (0.01, 0.4, 60), (0.05, 0.55, 160))]
+    two = [write(tmp_path / f"q{i}.h5", [a], [u], codec={"id": "qsgd", "levels": lv, "norm": nm})
+           for i, (lv, nm, a, u) in enumerate(((1, "l2", 0.5, 100), (3, "linf", 0.6, 200)))]
+    mwq = [write(tmp_path / f"m{R}.h5", [a], [100 * R + 16], codec={"id": "mwq", "bits": R, "m": 1.0})
+           for R, a in ((1, 0.5), (2, 0.7))]
+    runs = topk + two + mwq
+    assert rate_params(runs) == ["ratio"] * 3 + [None, None] + ["bits", "bits"]
+    # default: a codec without bits is grouped with identical configs only
+    assert all(w["vs_index"] is None for w in marginal_per_bit(topk))
+    rows = {w["index"]: w for w in marginal_per_bit(runs, auto_rate=True)}
+    bpe = {i: 32 * (u - 10) / 400 for i, u in enumerate((300, 60, 160))}  # measured payload bits per entry
+    assert [rows[i]["rate"] for i in range(3)] == [round(bpe[0], 2), round(bpe[1], 2), round(bpe[2], 2)]
+    assert [rows[i]["vs_index"] for i in range(3)] == [2, None, 1]  # ordered by measured bits
+    up = {i: 32 * u / 400 for i, u in enumerate((300, 60, 160))}  # the marginal uses uplink bits per entry
+    assert rows[2]["marginal"] == pytest.approx((0.55 - 0.4) / (up[2] - up[1]))
+    assert rows[0]["marginal"] == pytest.approx((0.6 - 0.55) / (up[0] - up[2]))
+    assert rows[1]["marginal"] == pytest.approx((0.4 - 0.1) / up[1])
+    assert rows[3]["vs_index"] is None and rows[4]["vs_index"] is None  # two qsgd parameters vary: no rate
+    assert rows[6]["vs_index"] == 5 and rows[6]["rate"] == 2 and rows[6]["rate_param"] == "bits"
+    assert rows[0]["rate_param"] == "ratio" and rows[0]["label"].startswith("topk")

@@ -8,7 +8,9 @@ Definitions (rounds are counted as *completed rounds*: the accuracy in row r of
 - ``rounds_to_target``: completed rounds until the first evaluated accuracy >= target
   (None if the run never reached it);
 - ``uplink_bytes_to_target``: uplink bytes (all clients, payload + header) of those rounds;
-- ``per_bit_accuracy``: see :func:`per_bit_accuracy`.
+- ``per_bit_accuracy``: PBA_total, see :func:`per_bit_accuracy`; ``per_bit_marginal``: the marginal
+  definition against the next lower-rate run (:func:`compare`); ``per_bit``: both, with Acc_0, its
+  source and the per-round series. Both definitions: :mod:`hpcfl.results.perbit` (methods.md §4.5).
 
 Inputs (:func:`collect`): run files, sweep directories (``sweep.json``: runs in point order,
 labelled by their grid values) and other directories (every ``*.h5`` run file below them).
@@ -21,6 +23,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,12 +31,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from hpcfl.errors import UsageError
+from hpcfl.results.perbit import marginal_per_bit
 from hpcfl.results.reader import Run, load_run
 from hpcfl.results.report import summarize
 
 __all__ = ["Entry", "collect", "chance_accuracy", "per_bit_accuracy", "rounds_to_target", "uplink_to_target",
-           "default_target", "varying_params", "time_split", "TIME_SPLIT", "run_row", "compare", "flat_row", "to_csv", "to_json_lines",
-           "format_table", "CSV_COLUMNS"]
+           "default_target", "varying_params", "time_split", "TIME_SPLIT", "run_row", "per_bit_fields", "compare",
+           "flat_row", "to_csv", "to_json_lines", "format_table", "per_bit_table", "PER_BIT_FOOTER", "CSV_COLUMNS"]
 
 
 @dataclass
@@ -66,7 +70,8 @@ def n_classes(run: Run) -> int:
 
 
 def chance_accuracy(run: Run) -> float:
-    """1 / number of classes: the stand-in for the initial model's accuracy, which runs do not log."""
+    """1 / number of classes: chance level. Acc_0 of per-bit accuracy only for an older file without
+    the logged ``initial_accuracy`` (:func:`hpcfl.results.perbit.initial_accuracy`)."""
     return 1.0 / n_classes(run)
 
 
@@ -279,22 +284,77 @@ def run_row(entry: Entry, target: float | None = None) -> dict[str, Any]:
         "wall_s_to_target": wall_to_target(run, target) if target is not None else None,
         "bits_per_param": 32.0 * up / raw if raw else math.nan,
         "chance_accuracy": chance_accuracy(run),
-        "per_bit_accuracy": per_bit_accuracy(run),
         "round_s_total": float(np.nansum(r["round_s"])) if r.size else 0.0,
         "time_s": time_split(run),
     })
+    s.update(per_bit_fields(run))
+    _set_marginal(s, marginal_per_bit([run], auto_rate=True)[0], {})
     return s
 
 
+def per_bit_fields(run: Run) -> dict[str, Any]:
+    """Row keys ``acc0``, ``acc0_source`` (logged / chance), ``per_bit_accuracy`` (PBA_total, accuracy
+    per uplink bit) and ``per_bit``: both definitions' texts, Acc_0 and where it came from, the totals
+    and the per-round series of :func:`hpcfl.results.perbit.per_bit_accuracy` (uplink bits), one
+    entry per evaluated round: ``round`` (the ``/rounds`` field: the model after round + 1 rounds),
+    ``accuracy``, ``bits_cum`` (uplink bits up to and including that round), ``per_round``
+    (accuracy gained since the previous evaluation per bit sent since) and ``cumulative``
+    ((accuracy - Acc_0) / bits_cum)."""
+    from hpcfl.results.perbit import DEFINITION_MARGINAL, DEFINITION_TOTAL, acc0_kind
+    from hpcfl.results.perbit import per_bit_accuracy as _pba
+
+    p = _pba(run)
+    rnd = run.rounds["round"][p["rounds"]] if run.n_rounds and "round" in run.rounds.dtype.names else p["rounds"]
+    return {
+        "acc0": p["acc0"],
+        "acc0_source": acc0_kind(p["acc0_source"]),
+        "per_bit_accuracy": float(p["total"]),
+        "per_bit": {
+            "definition_total": DEFINITION_TOTAL, "definition_marginal": DEFINITION_MARGINAL,
+            "acc0": p["acc0"], "acc0_source": p["acc0_source"], "bits": p["bits"], "bits_total": p["bits_total"],
+            "bits_per_entry": p["bits_per_entry"], "total": float(p["total"]),
+            "round": [int(v) for v in rnd], "accuracy": [float(v) for v in p["accuracy"]],
+            "bits_cum": [float(v) for v in p["bits_cum"]], "per_round": [float(v) for v in p["per_round"]],
+            "cumulative": [float(v) for v in p["cumulative"]],
+        },
+    }
+
+
+def _set_marginal(row: dict[str, Any], w: dict[str, Any], labels: dict[int, str]) -> None:
+    """Copy one :func:`~hpcfl.results.perbit.marginal_per_bit` row into a report row.
+    ``labels``: report label by run index, to name the run it is measured against."""
+    vs = "0 bits" if w["vs_index"] is None else labels.get(w["vs_index"], str(w["vs_index"]))
+    row["per_bit_marginal"] = w["marginal"]
+    row["per_bit_marginal_vs"] = vs
+    row["per_bit"]["marginal"] = {"value": w["marginal"], "vs": vs, "rate": w["rate"], "rate_param": w["rate_param"],
+                                  "d_acc": w["d_acc"], "d_bits_per_entry": w["d_bits_per_entry"],
+                                  "bits_per_entry": w["bits_per_entry"]}
+
+
 def compare(entries: Sequence[Entry], target: float | None = None) -> list[dict[str, Any]]:
-    return [run_row(e, target) for e in entries]
+    """One row per entry (:func:`run_row`), with the marginal per-bit accuracy of each run against the
+    next lower-rate run among these entries that differs only in the codec's rate parameter
+    (:func:`hpcfl.results.perbit.marginal_per_bit` with ``auto_rate``), or against 0 bits at Acc_0."""
+    rows = [run_row(e, target) for e in entries]
+    labels = {i: e.label for i, e in enumerate(entries)}
+    for w in marginal_per_bit([e.run for e in entries], auto_rate=True):
+        _set_marginal(rows[w["index"]], w, labels)
+    return rows
 
 
 CSV_COLUMNS = ("label", "point", "path", "status", "name", "codec", "rounds", "world_size", "final_accuracy",
                "best_accuracy", "best_round", "final_loss", "target_accuracy", "rounds_to_target",
                "uplink_bytes_to_target", "wall_s_to_target", "uplink_bytes", "downlink_bytes", "payload_bytes",
-               "header_bytes", "raw_bytes", "compression_ratio", "bits_per_param", "chance_accuracy",
-               "per_bit_accuracy", "wall_s", "round_s_mean", "round_s_total")
+               "header_bytes", "raw_bytes", "compression_ratio", "bits_per_param", "chance_accuracy", "acc0",
+               "acc0_source", "per_bit_accuracy", "per_bit_marginal", "per_bit_marginal_vs",
+               "per_bit_marginal_d_acc", "per_bit_marginal_d_bits_per_entry", "wall_s", "round_s_mean",
+               "round_s_total")
+
+
+def _cell(row: dict[str, Any], k: str) -> Any:
+    if k.startswith("per_bit_marginal_d_"):  # nested in per_bit.marginal
+        return row.get("per_bit", {}).get("marginal", {}).get(k[len("per_bit_marginal_"):])
+    return row.get(k)
 
 
 def flat_row(row: dict[str, Any], param_keys: Sequence[str] = ()) -> dict[str, Any]:
@@ -303,7 +363,7 @@ def flat_row(row: dict[str, Any], param_keys: Sequence[str] = ()) -> dict[str, A
     for k in param_keys:
         v = row.get("params", {}).get(k)
         out[k] = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else v
-    out.update({k: row.get(k) for k in CSV_COLUMNS[2:]})
+    out.update({k: _cell(row, k) for k in CSV_COLUMNS[2:]})
     total = row.get("round_s_total") or math.nan
     split = row.get("time_s", {})
     for p in TIME_SPLIT:
@@ -379,11 +439,13 @@ def _num(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
-def _table(header: list[str], body: list[list[str]], left: int = 1) -> list[str]:
+def _table(header: list[str], body: list[list[str]], left: int = 1, text: Sequence[int] = ()) -> list[str]:
+    """Aligned columns: the first ``left`` and those in ``text`` left-justified, the rest right-justified."""
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < left or i in text else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
 
@@ -400,7 +462,7 @@ def format_table(rows: Sequence[dict], target: float | None = None) -> str:
     head = ["run", "status", "rounds", "final acc", "best acc"]
     if t is not None:
         head += [f"rounds to {t}", f"uplink to {t}"]
-    head += ["uplink", "downlink", "bits/param", "acc/Mbit", "wall s"]
+    head += ["uplink", "downlink", "bits/param", "wall s"]
     body = []
     for r in rows:
         status = r["status"] if r["status"] in ("complete", "running") else "failed"
@@ -410,7 +472,6 @@ def format_table(rows: Sequence[dict], target: float | None = None) -> str:
             cells += [_num(r["rounds_to_target"], "d") if r["rounds_to_target"] is not None else "not reached",
                       _bytes(r["uplink_bytes_to_target"])]
         cells += [_bytes(r["uplink_bytes"]), _bytes(r["downlink_bytes"]), _num(r["bits_per_param"], ".3g"),
-                  _num(r["per_bit_accuracy"] * 1e6 if r["per_bit_accuracy"] is not None else None, ".4g"),
                   _num(r["wall_s"], ".2f")]
         body.append(cells)
     lines = [f"{len(rows)} runs" + (f"; target accuracy {t}" if t is not None else "")]
@@ -425,6 +486,33 @@ def format_table(rows: Sequence[dict], target: float | None = None) -> str:
         body2.append([r["label"]] + [_num(ph.get(p, math.nan) * 1e3 / n, ".2f") for p in TIME_SPLIT]
                      + [_num(r["round_s_total"] * 1e3 / n, ".2f")])
     lines += _table(head2, body2)
-    lines += ["", "bits/param: uplink bits per parameter per participating client (32 = float32); "
-              "acc/Mbit: (final accuracy - 1/classes) per Mbit of uplink (per_bit_accuracy x 1e6)"]
+    lines += ["", "per-bit accuracy (methods.md §4.5), both definitions"]
+    lines += _table(*per_bit_table(rows), text=(2, 5))
+    lines += ["", "bits/param: uplink bits per parameter per participating client (32 = float32).",
+              PER_BIT_FOOTER]
     return "\n".join(lines)
+
+
+PER_BIT_FOOTER = textwrap.fill(
+    "acc/Mbit (PBA_total): (final accuracy - Acc0) per Mbit of uplink, all clients and rounds (per_bit_accuracy "
+    "x 1e6). Acc0: the initial model's test accuracy logged before round 0 (logged), or chance 1/classes for an "
+    "older file without it (chance). marginal: (final accuracy - that of the 'vs' run) / (bits/entry - its "
+    "bits/entry), accuracy per extra uplink bit per entry; 'vs' is the next lower-rate run that differs only in "
+    "the codec's rate (bits, or the one codec parameter that varies), else 0 bits at Acc0.", width=110)
+
+
+def per_bit_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, body) of the per-bit table: Acc0 and its source, PBA_total in accuracy per Mbit,
+    measured uplink bits per entry, and the marginal definition with the run it is measured against."""
+    head = ["run", "Acc0", "from", "acc/Mbit", "bits/entry", "marginal vs", "d acc", "d bits/entry",
+            "acc per bit/entry"]
+    body = []
+    for r in rows:
+        pb = r.get("per_bit", {})
+        m = pb.get("marginal", {})
+        total = r.get("per_bit_accuracy")
+        body.append([r["label"], _num(r.get("acc0"), ".4f"), str(r.get("acc0_source", "")),
+                     _num(total * 1e6 if total is not None else None, ".4g"), _num(pb.get("bits_per_entry"), ".3f"),
+                     str(m.get("vs", "-")), _num(m.get("d_acc"), "+.4f"), _num(m.get("d_bits_per_entry"), ".3f"),
+                     _num(m.get("value"), "+.4g")])
+    return head, body

@@ -71,7 +71,7 @@ def write_summary(rows: Sequence[dict], entries: Sequence[Entry], out: str | os.
         d = f.create_dataset("summary", data=table)
         d.attrs["doc"] = ("One row per run: hpcfl report --csv columns. Rounds are completed rounds; "
                           "bytes in B, times in s; per_bit_accuracy in accuracy per uplink bit "
-                          "(chance level as the initial accuracy); NaN or '' = undefined.")
+                          "(against the logged initial accuracy, chance 1/classes for files without it); NaN or '' = undefined.")
         g = f.create_group("runs")
         for e, r in zip(entries, rows):
             name, k = e.name or e.run.path.stem, 2

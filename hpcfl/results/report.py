@@ -9,7 +9,7 @@ import numpy as np
 
 from hpcfl.results.reader import Run
 
-__all__ = ["summarize", "format_summary", "format_calibration", "PHASES"]
+__all__ = ["summarize", "format_summary", "format_per_bit", "format_calibration", "PHASES"]
 
 PHASES = ("bcast_s", "wait_s", "gather_s", "records_s", "decode_s", "aggregate_s", "eval_s", "overhead_s")
 
@@ -96,4 +96,35 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  per client: train {s['client_train_s_mean'] * 1e3:.2f} ms  "
                      f"encode {s['client_encode_s_mean'] * 1e3:.3f} ms  "
                      f"decode {s['client_decode_s_mean'] * 1e3:.3f} ms")
+    if s.get("per_bit"):
+        lines += format_per_bit(s)
     return "\n".join(lines)
+
+
+def _f(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def format_per_bit(s: dict[str, Any]) -> list[str]:
+    """The per-bit block of a one-run summary (the ``per_bit`` entry of a report row): Acc_0 and where
+    it came from, PBA_total, the marginal definition, and the per-round series in brief."""
+    pb = s["per_bit"]
+    m = pb.get("marginal", {})
+    kind = s.get("acc0_source", "")
+    src = {"logged": "logged: the initial model's test accuracy, before round 0",
+           "chance": "chance 1/classes: this file predates the logged initial_accuracy"}.get(kind, kind)
+    vs = m.get("vs", "0 bits")
+    lines = [f"  per-bit accuracy (methods.md §4.5): Acc0 {_f(pb['acc0'], '.4f')} ({src})",
+             f"    total:    {_f(pb['total'] * 1e6, '.4g')} acc/Mbit = (final - Acc0) / "
+             f"{_f(pb['bits_total'] / 1e6, '.4g')} Mbit of uplink (all clients, all rounds)",
+             f"    marginal: {_f(m.get('value', math.nan), '+.4g')} acc per bit/entry = (final - "
+             + ("Acc0) / " if vs == "0 bits" else f"final of {vs}) / ")
+             + f"{_f(m.get('d_bits_per_entry', math.nan), '.4g')} uplink bits/entry"
+             + (" (against 0 bits)" if vs == "0 bits" else "")]
+    rnd, per = pb.get("round", []), pb.get("per_round", [])
+    if rnd:
+        ends = [(rnd[i], per[i]) for i in sorted({0, len(rnd) - 1})]
+        lines.append("    per round, acc/Mbit since the previous evaluation: "
+                     + ", ".join(f"round {r + 1} {_f(v * 1e6, '.4g')}" for r, v in ends)
+                     + f" ({len(rnd)} evaluation{'s' if len(rnd) != 1 else ''}: --json per_bit)")
+    return lines

@@ -13,7 +13,8 @@ from scipy import stats
 from hpcfl.codecs.base import Ctx, Encoded, PartError
 from hpcfl.codecs.bitpack import packed_size
 from hpcfl.codecs.methods import _lloyd
-from hpcfl.codecs.methods._lloyd import beta_key, fit_gennorm, levels_from_fit, unit_distortion, unit_levels
+from hpcfl.codecs.methods._lloyd import (beta_key, center_key, fit_gennorm, levels_from_fit, unit_distortion,
+                                         unit_levels)
 from hpcfl.codecs.methods.mwq import FLAG_DENSE, FLAG_ZSTD, MWQ
 from hpcfl.codecs.registry import expand, get_codec
 from hpcfl.codecs.state import CodecState
@@ -285,7 +286,8 @@ def test_decode_rejects_a_zstd_frame_that_does_not_pay():
 # --------------------------------------------------- through real messages
 
 VARIANTS = [{"bits": 1, "m": 2.0}, {"bits": 3, "side": "codebook", "min_numel": 0},
-            {"bits": 4, "m": 4.0, "entropy": True}, {"bits": 8, "m": 1.0, "side": "codebook", "entropy": True}]
+            {"bits": 4, "m": 4.0, "entropy": True}, {"bits": 8, "m": 1.0, "side": "codebook", "entropy": True},
+            {"bits": 3, "m": 2.0, "weight_center": "zero"}]
 MODEL = Input("mwq-model", (("conv.weight", (8, 3, 5, 5)), ("conv.bias", (8,)), ("fc.weight", (10, 300))))
 
 
@@ -303,7 +305,8 @@ def test_variants_through_the_wire(cfg):
 def test_recipe_mwq_ef():
     cfg = expand({"id": "mwq_ef", "bits": 3, "m": 2, "decay": 0.7})
     assert cfg == {"id": "ef", "beta": 0.7, "inner": {"id": "mwq", "bits": 3, "m": 2, "side": "fit",
-                                                      "entropy": False}}
+                                                      "entropy": False, "weight_center": "mean"}}
+    assert expand({"id": "mwq_ef", "weight_center": "zero"})["inner"]["weight_center"] == "zero"
     c = get_codec(cfg)
     assert c.inner.m == 2.0 and c.beta == 0.7 and c.gamma == 1.0
 
@@ -317,3 +320,96 @@ def test_stats_gain_is_the_norm_ratio_and_grows_with_m():
         assert 0.0 < enc.stats["entropy_bits"] <= 2.0 and enc.stats["beta"] == float(enc.parts["fit"][2])
         gains.append(enc.stats["gain"])
     assert gains[0] < 1.0 < gains[1] < gains[2]  # Lloyd-Max shrinks (MSE-optimal), M > 0 inflates
+
+
+# ------------------------------------------- weight centre: |x - mu|^M (default) or |x|^M
+
+def test_weight_center_zero_equals_mean_when_m_is_0():
+    x = gennorm_sample(20_000, 1.3, seed=20, scale=0.05, loc=0.03)
+    for bits in (1, 3):
+        _, em, dm = code(x, bits=bits, m=0.0)
+        _, ez, dz = code(x, bits=bits, m=0.0, weight_center="zero")
+        assert em.parts["fit"].tobytes() == ez.parts["fit"].tobytes()
+        assert em.parts["codes"].tobytes() == ez.parts["codes"].tobytes() and torch.equal(dm, dz)
+    for k in (60, 200):
+        assert unit_levels(k, 0.0, 3, 100, 250).tobytes() == unit_levels(k, 0.0, 3).tobytes()
+    fit = np.array([0.0, 1.0, 1.5, 0.9], np.float32)  # mean 0: the offset is 0, the design the same
+    assert center_key(fit) == 0
+    assert levels_from_fit(fit, 2.0, 3, 100, "zero").tobytes() == levels_from_fit(fit, 2.0, 3, 100).tobytes()
+
+
+def test_weight_center_zero_design_differs_is_deterministic_and_matches_the_root():
+    x = gennorm_sample(30_000, 1.0, seed=21, scale=0.05, loc=0.02)
+    _, em, dm = code(x, bits=2, m=2.0)
+    _, ez, dz = code(x, bits=2, m=2.0, weight_center="zero")  # code() checks client recon == root decode
+    fit = ez.parts["fit"]
+    assert fit.tobytes() == em.parts["fit"].tobytes()  # the same fit, another codebook
+    k_c = center_key(fit)
+    mu, sd, _, alpha = (float(v) for v in fit)
+    assert k_c == round(100 * mu / (sd * alpha)) and k_c != 0
+    zero, mean = levels_from_fit(fit, 2.0, 2, 100, "zero"), levels_from_fit(fit, 2.0, 2, 100, "mean")
+    assert not np.array_equal(zero, mean) and not torch.equal(dm, dz)
+    assert set(torch.unique(dz).tolist()) == set(zero.tolist())
+    # |x|^M is centred at 0: the levels sit nearly symmetric about 0, not about the mean
+    assert abs(zero[0] + zero[-1]) < 0.2 * abs(mean[0] + mean[-1])
+    # deterministic: a cleared cache gives the same bytes; the codebook side sends exactly these levels
+    _lloyd._unit_full.cache_clear()
+    _lloyd._grid.cache_clear()
+    assert levels_from_fit(fit, 2.0, 2, 100, "zero").tobytes() == zero.tobytes()
+    _, ec, dc = code(x, bits=2, m=2.0, weight_center="zero", side="codebook")
+    assert ec.parts["codebook"].tobytes() == zero.tobytes() and torch.equal(dc, dz)
+    # a fit whose offset is not representable is invalid with the zero centre only
+    c = get_codec({"id": "mwq", "bits": 2, "m": 2.0, "weight_center": "zero"})
+    bad = Encoded({"fit": np.array([1e30, 1e-30, 1.5, 1e-10], np.float32), "codes": ez.parts["codes"]}, 0)
+    with pytest.raises(PartError, match="fit"):
+        c.decode(bad, ctx(x.numel(), False))
+    assert get_codec({"id": "mwq", "bits": 2, "m": 2.0})._levels(bad) is not None
+
+
+def test_weight_center_zero_wins_on_the_raw_magnitude_distortion():
+    x = gennorm_sample(60_000, 1.0, seed=22, scale=0.05, loc=0.03)
+    mu = x.mean()
+
+    def d(dec: torch.Tensor, centre: torch.Tensor, m: float) -> float:
+        return float(((x - centre).abs() ** m * (dec - x) ** 2).mean())
+
+    for m in (1.0, 2.0):
+        dm = code(x, bits=2, m=m)[2]
+        dz = code(x, bits=2, m=m, weight_center="zero")[2]
+        assert d(dz, torch.tensor(0.0), m) < d(dm, torch.tensor(0.0), m)  # |x|^M: the zero design wins
+        assert d(dm, mu, m) < d(dz, mu, m)  # |x - mu|^M: the mean design wins
+
+
+def test_grid_design_matches_the_closed_form_at_zero_offset():
+    """The k_c != 0 path (Gauss-Legendre on a fixed grid) forced to c = 0 reproduces the closed form."""
+    for k in (30, 100, 200):
+        for m in (1.0, 4.0):
+            for bits in (1, 2, 3):
+                grid = np.array(_lloyd._unit_full(k, m, bits, 100, 0))
+                np.testing.assert_allclose(grid, unit_levels(k, m, bits), rtol=1e-6)
+            lv = unit_levels(k, m, 4)
+            assert unit_distortion(k, m, 4, levels=lv) == pytest.approx(unit_distortion(k, m, 4), rel=1e-5)
+
+
+def test_grid_design_levels_are_weighted_centroids():
+    """R = 1 and 2 with |u + c|^M: each level is the centroid of its cell under the weight (scipy quad)."""
+    from scipy import integrate
+
+    for k, m, k_c, bits in ((100, 2.0, 150, 1), (150, 1.0, -40, 2), (70, 4.0, 300, 2)):
+        b, c = k / 100, k_c / 100
+        lv = unit_levels(k, m, bits, 100, k_c)
+        assert np.all(np.diff(lv) > 0)
+        edges = [-np.inf, *(0.5 * (lv[:-1] + lv[1:])), np.inf]
+
+        def w(u, p):
+            return u ** p * abs(u + c) ** m * math.exp(-abs(u) ** b)
+
+        for j in range(lv.size):
+            pts = [p for p in (0.0, -c) if edges[j] < p < edges[j + 1]] or None
+            lo, hi = max(edges[j], -400.0), min(edges[j + 1], 400.0)
+            num = integrate.quad(w, lo, hi, args=(1,), points=pts, limit=200, epsabs=0)[0]
+            den = integrate.quad(w, lo, hi, args=(0,), points=pts, limit=200, epsabs=0)[0]
+            assert lv[j] == pytest.approx(num / den, rel=2e-5, abs=1e-6), (k, m, k_c, bits, j)
+        # the zero-centre design beats the symmetric one on its own distortion
+        sym = unit_levels(k, m, bits)
+        assert unit_distortion(k, m, bits, 100, k_c) < unit_distortion(k, m, bits, 100, k_c, levels=sym)

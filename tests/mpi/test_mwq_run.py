@@ -29,7 +29,7 @@ def test_mwq_ef_in_a_run(tmp_path, tiny_job):
     assert run.complete and run.codec["codec"] == {
         "id": "ef", "beta": 1.0, "gamma": 1.0,
         "inner": {"id": "mwq", "bits": R, "m": 2.0, "side": "fit", "entropy": False, "min_numel": 256,
-                  "sample": 20000, "iters": 100}}
+                  "sample": 20000, "iters": 100, "weight_center": "mean"}}
     part = run.clients["participated"].astype(bool)
     # fc1.weight (32 x 64) and fc2.weight (10 x 32) quantised: 16 B fit + R bits each; the biases
     # (32 and 10 entries, under min_numel) dense

@@ -27,6 +27,18 @@ Determinism (the client designs, the root re-derives, both must agree bit for bi
 * the unit codebook is rounded to float32 at the end, so a last-ulp difference of a
   float64 library function between two CPUs (numpy's SIMD paths) cannot reach the codebook,
   except with probability ~2^-29 per level; ``side = "codebook"`` removes even that.
+
+Weight centre (mwq's ``weight_center``): the default weights the distance from the tensor's
+mean, ``|x - mu|^M`` = ``|u|^M`` up to a constant (the CO3 code's convention, and methods.md
+§4.3's design in the standardised domain). ``"zero"`` weights the raw value, ``|x|^M`` (the
+distortion exactly as methods.md §4.2 writes it): in u that is ``|u + c|^M`` with
+``c = mu / (std alpha)``, an asymmetric weight. ``c`` is rounded to 2 decimals, ``k_c =
+round(100 c)``, by both sides from the same float32 fit, and the design is cached by
+(beta, M, R, iters, k_c). With ``k_c = 0`` or ``M = 0`` the two centres are the same design.
+For ``k_c != 0`` no cell integral has a closed form, so :func:`_unit_full` integrates on a
+fixed, deterministic grid (:class:`_Grid`: Gauss-Legendre on every segment between quantile
+nodes of the weighted and unweighted densities, refined around ``u = +-c``): forced to
+``c = 0`` it gives the closed-form distortion to ~1e-6 relative and the levels to float32.
 """
 
 from __future__ import annotations
@@ -37,8 +49,8 @@ import math
 import numpy as np
 from scipy import special
 
-__all__ = ["BETA_MIN", "BETA_MAX", "beta_key", "unit_levels", "unit_distortion", "levels_from_fit",
-           "fit_gennorm"]
+__all__ = ["BETA_MIN", "BETA_MAX", "CENTERS", "beta_key", "center_key", "unit_levels", "unit_distortion",
+           "levels_from_fit", "fit_gennorm"]
 
 BETA_MIN, BETA_MAX = 0.2, 5.0  # fitted shapes are clamped to this range (|x|^0.2 is already very heavy-tailed)
 OMEGA = 1.8  # over-relaxation of the Lloyd update
@@ -92,16 +104,131 @@ def _unit_half(k_beta: int, m: float, bits: int, iters: int) -> tuple[float, ...
     return tuple(float(v) for v in c.astype(np.float32))
 
 
-def unit_levels(k_beta: int, m: float, bits: int, iters: int = 100) -> np.ndarray:
+# ------------------------------------------------------------ weight |u + c|^m (weight_center = "zero")
+
+CENTERS = ("mean", "zero")
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(8)  # 8-point Gauss-Legendre on [-1, 1]
+_P_TAIL = np.logspace(-17.0, math.log10(0.5), 160)  # tail probabilities of the quantile nodes
+_P_MID = np.linspace(0.0, 1.0, 161)[1:-1]
+_REL = np.logspace(-7.0, 0.0, 64)  # node offsets around |c|, relative to |c|
+
+
+def center_key(fit: np.ndarray) -> int | None:
+    """``round(100 c)`` for the centre offset ``c = mu / (std alpha)`` of a float32 fit (mu, std, beta,
+    alpha), computed in float64 from the float32 values (so client and root get the same key);
+    None if it is not finite."""
+    mu, sd, _, alpha = (float(v) for v in np.asarray(fit, np.float32))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        c = mu / (sd * alpha) if sd * alpha > 0 else math.inf
+    return round(100.0 * c) if math.isfinite(c) and abs(c) < 1e15 else None
+
+
+def _half_nodes(s: float, beta: float) -> np.ndarray:
+    """u >= 0 at the quantiles of v = u^beta ~ Gamma(s): dense in the bulk and log-spaced into both tails."""
+    v = np.concatenate([special.gammaincinv(s, _P_TAIL), special.gammaincinv(s, _P_MID),
+                        special.gammainccinv(s, _P_TAIL)])
+    v = v[np.isfinite(v) & (v > 0)]
+    return v ** (1.0 / beta)
+
+
+class _Grid:
+    """Cell integrals ``int u^k |u + c|^m exp(-|u|^beta) du`` (k = 0, 1, 2; up to one common factor)
+    on a fixed grid: the nodes are quantiles of the unweighted and the |u|^m-weighted density on
+    both sides, 0, -c and points geometrically close to +-|c|; every segment between nodes is
+    integrated by 8-point Gauss-Legendre, so a cell is whole segments (prefix sums, taken from the
+    nearer end to avoid cancellation) plus two partial segments."""
+
+    def __init__(self, beta: float, m: float, c: float):
+        self.beta, self.m, self.c = beta, m, c
+        half = np.concatenate([_half_nodes(1.0 / beta, beta), _half_nodes((m + 1.0) / beta, beta)])
+        if c != 0.0:
+            half = np.concatenate([half, abs(c) * (1.0 - _REL), abs(c) * (1.0 + _REL)])
+        self.nodes = nodes = np.unique(np.concatenate([-half, [0.0], half, [-c]]))
+        self.shift = float(np.max(self._log_f(nodes)))
+        seg = self._gl(nodes[:-1], nodes[1:])  # (3, segments)
+        self.left = np.concatenate([np.zeros((3, 1)), np.cumsum(seg, axis=1)], axis=1)
+        self.right = np.concatenate([np.cumsum(seg[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
+
+    def _log_f(self, x: np.ndarray) -> np.ndarray:
+        """log of the weighted density ``m log|x + c| - |x|^beta`` (-inf at x = -c when m > 0)."""
+        out = -np.abs(x) ** self.beta
+        if self.m != 0.0:
+            with np.errstate(divide="ignore"):
+                out += self.m * np.log(np.abs(x + self.c))
+        return out
+
+    def _gl(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        half = 0.5 * (b - a)
+        x = (0.5 * (a + b))[:, None] + half[:, None] * _GL_X
+        f = np.exp(self._log_f(x) - self.shift) * _GL_W
+        f0 = f.sum(axis=1)
+        f1 = (f * x).sum(axis=1)
+        f2 = (f * (x * x)).sum(axis=1)
+        return np.stack([f0, f1, f2]) * half
+
+    def cells(self, t: np.ndarray) -> np.ndarray:
+        """(3, len(t) + 1): the integrals over the cells (-inf, t0], [t0, t1], ..., [t_last, inf)."""
+        nodes, n = self.nodes, self.nodes.size
+        t = np.clip(t, nodes[0], nodes[-1])
+        i = np.clip(np.searchsorted(nodes, t, side="right") - 1, 0, n - 2)
+        part = self._gl(np.concatenate([nodes[i], t]), np.concatenate([t, nodes[i + 1]]))
+        k = t.size
+        zero = np.zeros((3, 1))
+        gl = np.concatenate([zero, self.left[:, i] + part[:, :k], self.left[:, -1:]], axis=1)  # left of each edge
+        gr = np.concatenate([self.right[:, :1], self.right[:, i + 1] + part[:, k:], zero], axis=1)
+        use_left = gl[0, 1:] <= gr[0, :-1]
+        return np.where(use_left, gl[:, 1:] - gl[:, :-1], gr[:, :-1] - gr[:, 1:])
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(k_beta: int, m: float, k_c: int) -> _Grid:
+    return _Grid(k_beta / 100.0, m, k_c / 100.0)
+
+
+@functools.lru_cache(maxsize=512)
+def _unit_full(k_beta: int, m: float, bits: int, iters: int, k_c: int) -> tuple[float, ...]:
+    """The 2^bits sorted levels for density ~ exp(-|u|^beta) under the weight |u + c|^m,
+    c = k_c / 100, by the same over-relaxed Lloyd iteration as :func:`_unit_half`, on :class:`_Grid`.
+    Start: Panter-Dite points, the quantiles (j + 1/2) / 2^bits of the point density
+    ``(|u + c|^m exp(-|u|^beta))^(1/3)``, i.e. of the weight ``|y + c / 3^(1/beta)|^(m/3)`` in
+    ``y = u / 3^(1/beta)`` (the same start as the closed form's when c = 0)."""
+    beta = k_beta / 100.0
+    g = _grid(k_beta, m, k_c)
+    s3 = 3.0 ** (1.0 / beta)
+    pd = _Grid(beta, m / 3.0, k_c / 100.0 / s3)
+    cdf = pd.left[0] / pd.left[0, -1]
+    lv = np.maximum.accumulate(s3 * np.interp((np.arange(1 << bits) + 0.5) / (1 << bits), cdf, pd.nodes))
+    for _ in range(iters):
+        i0, i1, _ = g.cells(0.5 * (lv[:-1] + lv[1:]))
+        ok = i0 > 0
+        new = np.maximum.accumulate(np.where(ok, i1 / np.where(ok, i0, 1.0), lv))
+        step = lv + OMEGA * (new - lv)
+        lv = step if bool((np.diff(step) > 0).all()) else new
+    return tuple(float(v) for v in lv.astype(np.float32))
+
+
+def unit_levels(k_beta: int, m: float, bits: int, iters: int = 100, k_c: int = 0) -> np.ndarray:
     """The 2^bits sorted levels (float64 holding float32 values) for density ~ exp(-|u|^beta),
-    beta = k_beta / 100, under the weight |u|^m; symmetric about 0. Cached."""
+    beta = k_beta / 100, under the weight |u + k_c / 100|^m; symmetric about 0 when k_c = 0 or
+    m = 0 (the closed-form design), else the grid design of :func:`_unit_full`. Cached."""
+    if int(k_c) != 0 and float(m) != 0.0:
+        return np.array(_unit_full(int(k_beta), float(m), int(bits), int(iters), int(k_c)))
     c = np.array(_unit_half(int(k_beta), float(m), int(bits), int(iters)))
     return np.concatenate([-c[::-1], c])
 
 
-def unit_distortion(k_beta: int, m: float, bits: int, iters: int = 100) -> float:
-    """``E[|u|^m (u - Q(u))^2]`` for the designed quantiser, u ~ GenNorm(0, 1, beta) (closed form)."""
+def unit_distortion(k_beta: int, m: float, bits: int, iters: int = 100, k_c: int = 0,
+                    levels: np.ndarray | None = None) -> float:
+    """``E[|u + c|^m (u - Q(u))^2]``, u ~ GenNorm(0, 1, beta), c = k_c / 100, Q = nearest of ``levels``
+    (default: the design for these arguments). Closed form for the default design with k_c = 0 or
+    m = 0; otherwise integrated on the grid of the k_c != 0 design."""
     beta = k_beta / 100.0
+    if levels is not None or (k_c != 0 and m != 0):
+        lv = np.asarray(levels if levels is not None else unit_levels(k_beta, m, bits, iters, k_c), np.float64)
+        g = _grid(int(k_beta), float(m), int(k_c) if m != 0 else 0)
+        i0, i1, i2 = g.cells(0.5 * (lv[:-1] + lv[1:]))
+        tot = float(np.sum(i2 - 2.0 * lv * i1 + lv * lv * i0))
+        return tot * math.exp(g.shift + math.log(beta / 2.0) - math.lgamma(1.0 / beta))
     c = unit_levels(k_beta, m, bits, iters)[1 << (bits - 1):]
     t = np.concatenate([[0.0], 0.5 * (c[:-1] + c[1:]), [np.inf]])
     g = [math.exp(math.lgamma((m + k + 1.0) / beta) - math.lgamma(1.0 / beta)) for k in range(3)]
@@ -109,17 +236,25 @@ def unit_distortion(k_beta: int, m: float, bits: int, iters: int = 100) -> float
     return float(np.sum(i2 - 2.0 * c * i1 + c * c * i0))  # both halves x (1/2 of the density each)
 
 
-def levels_from_fit(fit: np.ndarray, m: float, bits: int, iters: int) -> np.ndarray | None:
+def levels_from_fit(fit: np.ndarray, m: float, bits: int, iters: int, center: str = "mean") -> np.ndarray | None:
     """float32 levels ``mu + std * alpha * unit_levels`` from a float32 fit (mu, std, beta, alpha),
-    or None if the fit is invalid or the levels are not finite. Both sides call exactly this."""
+    or None if the fit is invalid or the levels are not finite. Both sides call exactly this.
+    ``center``: the weight is ``|x - mu|^m`` ("mean") or ``|x|^m`` ("zero"; see the module doc)."""
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, not {center!r}")
     mu, sd, beta, alpha = (float(v) for v in np.asarray(fit, np.float32))
     k = beta_key(beta)
     if k is None or not (math.isfinite(mu) and math.isfinite(sd) and math.isfinite(alpha)):
         return None
     if sd <= 0 or alpha <= 0:
         return None
+    k_c = 0
+    if center == "zero" and m != 0:
+        k_c = center_key(fit)
+        if k_c is None:
+            return None
     with np.errstate(over="ignore", invalid="ignore"):
-        lv = (mu + (sd * alpha) * unit_levels(k, m, bits, iters)).astype(np.float32)
+        lv = (mu + (sd * alpha) * unit_levels(k, m, bits, iters, k_c)).astype(np.float32)
     return lv if bool(np.isfinite(lv).all()) else None
 
 

@@ -16,8 +16,11 @@ Per tensor, the client
 Which parts are the paper's: the GenNorm model, the M-weighted L2 distortion and a
 Lloyd–Max design under it [ABS + CODE-rel]. Our reconstruction [INF]: the fit-as-side-info
 protocol, the 2-decimal beta grid in [0.2, 5], the over-relaxed closed-form Lloyd design,
-the weight taken on the standardised value ``|x - mu|^M`` (the related CO3 code's
-convention; equal to the paper's ``|x|^M`` when the mean is 0), zstd as the entropy coder.
+zstd as the entropy coder, and the weight's centre (``weight_center``): by default the
+standardised value, ``|x - mu|^M`` (the related CO3 code's convention, and methods.md §4.3's
+design in the standardised domain); ``"zero"`` weights the raw value, ``|x|^M`` (the distortion
+as methods.md §4.2 writes it; a grid-integrated design keyed by the rounded offset
+``mu / (std alpha)``, see :mod:`._lloyd`). The two agree when M = 0 or the mean is 0.
 
 Flags: 0 = packed codes; 2 = codes as a zstd frame of one byte per index (``entropy``,
 used only when smaller than the packed form); 1 = dense float32 (tensors under
@@ -36,7 +39,7 @@ import torch
 
 from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
 from hpcfl.codecs.bitpack import CHUNK, decode_table, flat, pack_bits, packed_size, unpack_bits
-from hpcfl.codecs.methods._lloyd import fit_gennorm, levels_from_fit
+from hpcfl.codecs.methods._lloyd import CENTERS, fit_gennorm, levels_from_fit
 from hpcfl.codecs.registry import register_codec, register_recipe
 
 __all__ = ["MWQ", "FLAG_DENSE", "FLAG_ZSTD", "tensor_moments", "quantize_indices"]
@@ -85,6 +88,11 @@ class MWQ(Codec):
         "bits": Param(int, 2, "R: bits per entry (2^R levels).", min=1, max=8),
         "m": Param(float, 0.0, "M of the distortion |x|^M (x - x_hat)^2 (0: MSE, plain Lloyd-Max).",
                    min=0.0, max=16.0),
+        "weight_center": Param(str, "mean", "Centre of the weight |x - centre|^M: the tensor's mean (CO3's "
+                                            "convention; symmetric closed-form design) or zero (|x|^M as "
+                                            "methods.md §4.2 writes it; grid design keyed by the rounded "
+                                            "mu / (std alpha)). Equal when M = 0.",
+                               choices=CENTERS),
         "side": Param(str, "fit", "Side information: the fit (mu, std, beta, alpha; 16 B, the root "
                                   "re-derives the codebook) or the codebook itself (4 * 2^R B).",
                       choices=("fit", "codebook")),
@@ -126,7 +134,7 @@ class MWQ(Codec):
         z = (sub.astype(np.float64) - mu) / sd
         beta, alpha = fit_gennorm(z)
         fit = np.array([mu, sd, beta, alpha], np.float32)
-        levels = levels_from_fit(fit, self.m, self.bits, self.iters)
+        levels = levels_from_fit(fit, self.m, self.bits, self.iters, self.weight_center)
         if levels is None:
             return self._dense(x, ctx)
         idx = quantize_indices(xn, levels)
@@ -170,9 +178,10 @@ class MWQ(Codec):
             raise PartError(other, f"unexpected with side = {self.side!r}")
         if self.side == "fit":
             fit = need_part(enc, "fit", np.float32, 4)
-            levels = levels_from_fit(fit, self.m, self.bits, self.iters)
+            levels = levels_from_fit(fit, self.m, self.bits, self.iters, self.weight_center)
             if levels is None:
                 raise PartError("fit", f"{fit.tolist()} is not a valid fit (finite mu, std > 0, alpha > 0, "
+                                "|mu / (std alpha)| < 1e15 with weight_center = zero, "
                                 "beta a 2-decimal value in [0.2, 5], finite levels)")
             return levels
         levels = need_part(enc, "codebook", np.float32, L)
@@ -211,7 +220,8 @@ class MWQ(Codec):
 
 @register_recipe("mwq_ef", "MWQ with error feedback (the related CO3 code's residual memory; "
                  "decay = ef.beta, 0.7 in CO3)",
-                 {"bits": 2, "m": 0.0, "side": "fit", "entropy": False, "decay": 1.0})
+                 {"bits": 2, "m": 0.0, "side": "fit", "entropy": False, "weight_center": "mean", "decay": 1.0})
 def _mwq_ef(p: dict) -> dict:
     return {"id": "ef", "beta": p["decay"],
-            "inner": {"id": "mwq", "bits": p["bits"], "m": p["m"], "side": p["side"], "entropy": p["entropy"]}}
+            "inner": {"id": "mwq", "bits": p["bits"], "m": p["m"], "side": p["side"], "entropy": p["entropy"],
+                      "weight_center": p["weight_center"]}}
