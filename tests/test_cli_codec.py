@@ -108,13 +108,74 @@ def test_encode_decode_halves(files):
     ("decode", "--codec", "fp16", "{d}/trunc.hpfl", "{d}/o.npz"),
     ("decode", "--codec", "fp16", "{d}/garbage.hpfl", "{d}/o.npz"),
     ("decode", "--codec", "qsgd", "{d}/m.hpfl", "{d}/o.npz", "--like", "{d}/u.npz"),  # wrong codec
+    # integers outside the wire's u32 fields / the signed 64-bit seed (were struct.error tracebacks)
+    ("roundtrip", "--codec", "topk", "{d}/g.npy", "{d}/o.npy", "--client", "-1"),
+    ("encode", "--codec", "fp16", "{d}/u.npz", "{d}/o.hpfl", "--round", "-1"),
+    ("encode", "--codec", "fp16", "{d}/u.npz", "{d}/o.hpfl", "--client", str(2**32)),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "{d}/o.npz", "--round", "-1"),
+    ("roundtrip", "--codec", "topk", "{d}/g.npy", "{d}/o.npy", "--seed", str(2**63)),
+    ("roundtrip", "--codec", "topk", "{d}/g.npy", "{d}/o.npy", "--rounds", "x"),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "{d}/o.npz", "--max-elements", "0"),
+    ("roundtrip",),  # argparse's own errors are one line too
+    (),
+    # unwritable outputs, a directory as the message
+    ("roundtrip", "--codec", "topk", "{d}/g.npy", "/nonexist/o.npy"),
+    ("roundtrip", "--codec", "topk", "{d}/g.npy", "{d}/odir.npy"),
+    ("encode", "--codec", "fp16", "{d}/u.npz", "/nonexist/o.hpfl"),
+    ("encode", "--codec", "fp16", "{d}/u.npz", "{d}/odir.npy"),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "/nonexist/o.npz"),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "/nonexist/o.npz", "--like", "{d}/u.npz"),
+    ("decode", "--codec", "fp16", "{d}", "{d}/o.npz"),
+    # an output suffix that is not the input's format (was silently renamed)
+    ("roundtrip", "--codec", "fp16", "{d}/u.npz", "{d}/o2.npy"),
+    ("roundtrip", "--codec", "fp16", "{d}/g.npy", "{d}/o.txt"),
+    ("roundtrip", "--codec", "fp16", "{d}/g.npy", "{d}/o.npz"),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "{d}/o.npy", "--like", "{d}/u.npz"),
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "{d}/o.npy"),  # two tensors in the message: .npz only
+    ("decode", "--codec", "fp16", "{d}/m.hpfl", "{d}/o.txt"),
 ])
 def test_usage_errors_exit_2_with_one_line(files, args):
     (files / "bad.npy").write_bytes(b"not numpy at all")
     np.save(files / "ints.npy", np.arange(10))
+    (files / "odir.npy").mkdir()
     hpcfl("codec", "encode", "--codec", "fp16", files / "u.npz", files / "m.hpfl")
     data = (files / "m.hpfl").read_bytes()
     (files / "trunc.hpfl").write_bytes(data[:50])
     (files / "garbage.hpfl").write_bytes(b"\x00" * 64)
     r = hpcfl("codec", *[a.replace("{d}", str(files)) for a in args])
     assert one_error_line(r), (r.returncode, r.stderr)
+    assert sorted(p.name for p in files.glob("o*")) == ["odir.npy"], "an output was written"
+    assert not any(files.glob("odir.npy/*"))
+
+
+def _threshold_message(files, shape_bytes: bytes | None = None) -> bytes:
+    """An all-dropped threshold message for a 4 x 4 tensor (80 bytes), optionally with patched shape."""
+    np.save(files / "small.npy", np.full((4, 4), 1e-3, np.float32))
+    spec = '{"id": "threshold", "v": 0.5, "index": "int32"}'
+    assert hpcfl("codec", "encode", "--codec", spec, files / "small.npy", files / "t.hpfl").returncode == 0
+    data = bytearray((files / "t.hpfl").read_bytes())
+    assert len(data) == 80 and data[49:57] == np.array([4, 4], "<u4").tobytes()  # 40 B header + 9 B, then shape
+    if shape_bytes is not None:
+        data[49:57] = shape_bytes
+    (files / "t.hpfl").write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_decode_caps_elements_declared_by_the_message(files):
+    """Without --like/--run the shapes come from the message: their total is capped by --max-elements
+    (default 2**28) before anything is allocated; 80 bytes must not make it allocate 16 GiB."""
+    spec = '{"id": "threshold", "v": 0.5, "index": "int32"}'
+    _threshold_message(files, np.array([65536, 65536], "<u4").tobytes())
+    r = hpcfl("codec", "decode", "--codec", spec, files / "t.hpfl", files / "o.npz")
+    assert one_error_line(r), r.stderr
+    assert "malformed message at byte 49 (tensor[0].shape)" in r.stderr and "--max-elements 268435456" in r.stderr
+    assert not (files / "o.npz").exists()
+    _threshold_message(files, np.array([100, 100], "<u4").tobytes())  # 10,000 elements: a valid, empty message
+    assert one_error_line(hpcfl("codec", "decode", "--codec", spec, files / "t.hpfl", files / "o.npz",
+                                "--max-elements", "9999"))
+    r = hpcfl("codec", "decode", "--codec", spec, files / "t.hpfl", files / "o.npz", "--max-elements", "10000")
+    assert r.returncode == 0, r.stderr
+    with np.load(files / "o.npz") as z:
+        assert z.files == ["t0"] and z["t0"].shape == (100, 100) and not z["t0"].any()
+    r = hpcfl("codec", "decode", "--codec", spec, files / "t.hpfl", files / "o.npy")  # one tensor: .npy allowed
+    assert r.returncode == 0 and np.load(files / "o.npy").shape == (100, 100)

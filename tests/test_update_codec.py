@@ -240,6 +240,24 @@ def test_decode_with_other_config_fails_on_hash():
         assert ei.value.field == "codec_hash"
 
 
+def test_payload_revision_enters_the_hash(monkeypatch):
+    """A codec whose part layout changed (payload_revision) gets a new hash, through wrappers too,
+    so a message of the old layout fails the hash check; codecs without one keep their hashes."""
+    from hpcfl.codecs.quantize import QSGD
+
+    assert QSGD.payload_revision >= 1
+    new = uc({"id": "ef", "inner": {"id": "qsgd"}})
+    assert new.config["payload_revisions"] == {"qsgd": QSGD.payload_revision}
+    assert "payload_revisions" not in uc(FP16).config
+    data = new.encode(make_update(), client=0, round=0, state=CodecState()).data
+    monkeypatch.setattr(QSGD, "payload_revision", QSGD.payload_revision - 1)
+    old = uc({"id": "ef", "inner": {"id": "qsgd"}})
+    assert old.hash != new.hash
+    with pytest.raises(WireFormatError) as ei:
+        old.decode(data, client=0, round=0, state=CodecState())
+    assert ei.value.field == "codec_hash"
+
+
 def test_wrong_client_or_round():
     c = uc()
     data = c.encode(make_update(), client=3, round=5, state=CodecState()).data

@@ -172,6 +172,9 @@ class Codec(ABC):
     needs_global: ClassVar[bool] = False
     side_inputs: ClassVar[tuple[str, ...]] = ()
     required_scope: ClassVar[str | None] = None  # e.g. "model": needs routing.scope = "model"
+    # Bumped when a codec's part layout changes without a config change; folded into the message's
+    # codec-config hash (UpdateCodec) so a message of the old layout is refused, never misread.
+    payload_revision: ClassVar[int] = 0
     params: ClassVar[dict[str, Field | CodecParam]] = {}
     summary: ClassVar[str] = ""
 

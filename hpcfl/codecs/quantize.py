@@ -29,7 +29,7 @@ import torch
 
 from hpcfl.codecs.base import Codec, Ctx, Encoded, Param, PartError, from_numpy, need_part, to_numpy
 from hpcfl.codecs.bitpack import (CHUNK, Uniforms, absmax, chunks, decode_table, flat, l2norm, new_buffer, pack_bits,
-                                  pack_signs, packed_size, scratch, unpack_bits)
+                                  scratch, unpack_bits)
 from hpcfl.codecs.registry import register_codec, register_recipe
 
 __all__ = ["Uniform", "QSGD", "TernGrad"]
@@ -113,6 +113,16 @@ def _rounded_codes_np(x: torch.Tensor, mult: float, offset: float, top: int, *, 
     return out
 
 
+def nonzero_signs(x: torch.Tensor, codes: torch.Tensor) -> np.ndarray:
+    """Sign bits (1 = negative) of the elements of ``x`` whose code is non-zero,
+    in element order, packed 8 per byte (chunk by chunk on CPU)."""
+    if x.device.type != "cpu":
+        return np.packbits(to_numpy(torch.signbit(x[codes != 0])), bitorder="little")
+    xn, cn = to_numpy(x), to_numpy(codes)
+    bits = [np.compress(cn[i:j] != 0, np.signbit(xn[i:j])) for i, j in chunks(x.numel(), x.device)]
+    return np.packbits(np.concatenate(bits) if bits else np.zeros(0, bool), bitorder="little")
+
+
 # ------------------------------------------------------------------ uniform
 
 @register_codec
@@ -174,25 +184,30 @@ class Uniform(Codec):
 class QSGD(Codec):
     """QSGD (Alistarh et al. 2017): stochastic rounding to ``s`` levels of a norm.
 
-    Element x is sent as ``sign(x)`` and a level ``l`` in ``{0..s}`` with
-    ``E[l] = s * |x| / norm`` (``l = floor(s*|x|/norm + u)``), so
+    Element x is sent as a level ``l`` in ``{0..s}`` with ``E[l] = s * |x| / norm``
+    (``l = floor(s*|x|/norm + u)``) and, only where ``l > 0``, its sign, so
     ``decode = sign * l * norm / s`` is unbiased. ``norm = "l2"`` is the paper's
     (variance <= min(n/s^2, sqrt(n)/s) * ||x||^2); ``"linf"`` (max |x|) is
     APPFL's variant, with far fewer zero levels.
 
-    Parts: ``norm`` float32[1]; ``signs`` 1 bit each (1 = negative);
-    ``levels`` packed at ``b = ceil(log2(s + 1))`` bits when ``s <= 255``,
-    else uint16. Payload bytes:
-    ``4 + ceil(n / 8) + (ceil(n * b / 8) if s <= 255 else 2 * n)``.
+    Parts: ``norm`` float32[1]; ``levels`` packed at ``b = ceil(log2(s + 1))``
+    bits when ``s <= 255``, else uint16; ``signs`` 1 bit (1 = negative) for each
+    of the ``k`` non-zero levels, in element order (a zero level has no sign,
+    so every message has one valid form). Payload bytes:
+    ``4 + ceil(k / 8) + (ceil(n * b / 8) if s <= 255 else 2 * n)``; with the l2
+    norm ``E[k] <= s * ||x||_1 / ||x||_2 <= s * sqrt(n)``. A zero or non-finite
+    norm sends all-zero levels and no signs.
 
     The paper entropy-codes the levels with Elias codes; here ``levels`` is the
     compressible part, and the ``qsgd_zstd`` recipe runs zstd on it, whose
-    FSE/Huffman stage is the entropy coder.
+    FSE/Huffman stage is the entropy coder. The signs of non-zero levels are
+    fair coin flips, incompressible, so they are sent packed and uncoded.
     """
 
+    payload_revision = 1  # 1: signs only for non-zero levels (0: one sign bit per element)
     codec_id = "qsgd"
     unbiased = True
-    summary = "QSGD: stochastic rounding to s levels of the l2 (or max) norm, signs + levels"
+    summary = "QSGD: stochastic rounding to s levels of the l2 (or max) norm, levels + signs of non-zero levels"
     params = {
         "levels": Param(int, 4, "Number of quantisation levels s (level 0..s).", min=1, max=65535),
         "norm": Param(str, "l2", "Scale: l2 norm (the paper) or max |x| (APPFL's linf variant).",
@@ -218,12 +233,11 @@ class QSGD(Codec):
             g = Uniforms(ctx.stage_seed("qsgd"), x.device)
             lv = rounded_codes(x, s / norm, 0.0, s, absolute=True, g=g,
                                dtype=torch.int32 if wide else torch.uint8)
-            signs = pack_signs(x)
+            signs, a = nonzero_signs(x, lv), to_numpy(lv)
         else:
             norm = norm if norm == 0 else NAN
-            lv = torch.zeros(n, dtype=torch.int32 if wide else torch.uint8)
-            signs = np.zeros(packed_size(n, 1), np.uint8)
-        a = to_numpy(lv)
+            a = np.zeros(n, np.int32 if wide else np.uint8)
+            signs = np.zeros(0, np.uint8)
         levels = a.astype(np.uint16) if wide else pack_bits(a, self.level_bits)
         enc = Encoded({"norm": np.array([norm], np.float32), "signs": signs, "levels": levels})
         return recon_of(self, enc, ctx, x.device)
@@ -232,19 +246,26 @@ class QSGD(Codec):
         n, s = ctx.numel, self.levels
         norm = float(scale_part(enc, "norm")[0])
         if s > 255:
-            lv = need_part(enc, "levels", np.uint16, n).astype(np.int32)
+            lv = need_part(enc, "levels", np.uint16, n)
         else:
             lv = unpack_bits(need_part(enc, "levels", np.uint8), self.level_bits, n, "levels")
         if n and int(lv.max()) > s:
             raise PartError("levels", f"level {int(lv.max())} exceeds levels = {s}")
-        step = norm / s
-        out = torch.from_numpy(decode_table(need_part(enc, "signs", np.uint8), 1, n, [step, -step], "signs"))
-        cpu = torch.device("cpu")
-        buf = scratch(n, torch.float32, cpu)
-        for i, j in chunks(n, cpu):  # out *= levels via a float chunk (mixed-dtype mul_ is slow;
-            b = buf[:j - i]          # numpy fills it, as `lv` may be a read-only wire buffer)
-            b.numpy()[:] = lv[i:j]
-            out[i:j].mul_(b)
+        k = int(np.count_nonzero(lv))
+        if k and not norm > 0:
+            raise PartError("levels", f"{k} non-zero levels with norm {norm} (all must be 0)")
+        neg = unpack_bits(need_part(enc, "signs", np.uint8), 1, k, "signs").view(bool)
+        cpu, step, done = torch.device("cpu"), np.float32(norm / s), 0
+        out = new_buffer(n, torch.float32, cpu)
+        for i, j in chunks(n, cpu):  # float32(level) * step, then the signs of this chunk's non-zero levels
+            o = out.numpy()[i:j]
+            o[:] = lv[i:j]
+            o *= step
+            nz = np.flatnonzero(lv[i:j] != 0)  # (on a bool mask: several times faster than on the ints)
+            v = o[nz]  # >= 0: setting the float sign bit negates; gather/scatter, no data-dependent branch
+            v.view(np.uint32)[:] |= neg[done:done + nz.size].view(np.uint8).astype(np.uint32) << 31
+            o[nz] = v
+            done += nz.size
         return out.reshape(ctx.shape)
 
 

@@ -4,12 +4,15 @@
 ``topk_ef`` first expands to a full config (``expand``), which is what a run
 log stores. Out-of-tree packages register codecs by declaring an entry point
 in the group ``hpcfl.codecs`` whose object is a :class:`Codec` subclass (or a
-callable that registers codecs when called).
+callable that registers codecs when called). An entry point that fails to
+load or register is skipped with a :class:`PluginWarning` naming it, so one
+broken plugin never hides the other codecs.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
@@ -17,11 +20,15 @@ from typing import Any, Callable, Mapping
 from hpcfl.errors import ConfigError, UnknownCodecError
 
 __all__ = ["register_codec", "register_recipe", "get_codec", "expand", "codec_classes", "recipes",
-           "Recipe"]
+           "Recipe", "PluginWarning"]
 
 _codecs: dict[str, type] = {}
 _recipes: dict[str, "Recipe"] = {}
 _entry_points_loaded = False
+
+
+class PluginWarning(RuntimeWarning):
+    """An ``hpcfl.codecs`` entry point could not be loaded or registered; it is skipped."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,17 @@ def _load_entry_points() -> None:
         return
     _entry_points_loaded = True
     for ep in entry_points(group="hpcfl.codecs"):
-        obj = ep.load()
-        if isinstance(obj, type):
-            register_codec(obj)
-        elif callable(obj):
-            obj()
+        try:
+            obj = ep.load()
+            if isinstance(obj, type):
+                register_codec(obj)
+            elif callable(obj):
+                obj()
+            else:
+                raise TypeError(f"{obj!r} is neither a Codec subclass nor a callable")
+        except Exception as e:  # a broken plugin must not take the other codecs (or the CLI) down
+            warnings.warn(f"hpcfl.codecs entry point {ep.name!r} ({ep.value}) skipped: {type(e).__name__}: {e}",
+                          PluginWarning, stacklevel=3)
 
 
 def _ensure_builtins() -> None:

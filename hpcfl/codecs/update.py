@@ -102,6 +102,9 @@ class UpdateCodec:
             "routing": self.policy.to_config(),
             "slots": [[s.name, list(s.shape), s.route] for s in self.slots],
         }
+        revs = _payload_revisions(self.config["codec"]) | _payload_revisions(self.config["dense"])
+        if revs:  # only when some stage has one, so the hashes of every other codec stay as they were
+            self.config["payload_revisions"] = dict(sorted(revs.items()))
         digest = hashlib.sha256(canonical_json(self.config).encode()).digest()
         self.hash = int.from_bytes(digest[:8], "little")
         self.raw_bytes = 4 * sum(s.numel for s in self.slots)
@@ -316,3 +319,20 @@ def _plain(enc: Encoded) -> Encoded:
 
 # PartError subclasses WireFormatError, so codec part checks surface as wire errors.
 assert issubclass(PartError, WireFormatError)
+
+
+def _payload_revisions(cfg) -> dict[str, int]:
+    """{codec id: payload_revision} of every stage in an expanded config tree that has one."""
+    from hpcfl.codecs.registry import codec_classes
+
+    out: dict[str, int] = {}
+    if isinstance(cfg, Mapping):
+        rev = getattr(codec_classes().get(cfg.get("id")), "payload_revision", 0)
+        if rev:
+            out[cfg["id"]] = rev
+        for v in cfg.values():
+            out |= _payload_revisions(v)
+    elif isinstance(cfg, (list, tuple)):
+        for v in cfg:
+            out |= _payload_revisions(v)
+    return out

@@ -39,14 +39,20 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def expected_bytes(cfg: dict, n: int) -> int:
-    """The payload formulas the codec docstrings state."""
+def nonzero(dec: torch.Tensor) -> int:
+    """Non-zero entries of a finite decode (for QSGD on such input: its non-zero levels)."""
+    assert bool(torch.isfinite(dec).all())
+    return int(torch.count_nonzero(dec))
+
+
+def expected_bytes(cfg: dict, n: int, nonzero: int = 0) -> int:
+    """The payload formulas the codec docstrings state (``nonzero``: QSGD's non-zero levels)."""
     cid = cfg["id"]
     if cid == "uniform":
         return 4 + cdiv(n * cfg.get("bits", 8), 8)
     if cid == "qsgd":
         s = cfg.get("levels", 4)
-        return 4 + cdiv(n, 8) + (cdiv(n * s.bit_length(), 8) if s <= 255 else 2 * n)
+        return 4 + cdiv(nonzero, 8) + (cdiv(n * s.bit_length(), 8) if s <= 255 else 2 * n)
     if cid == "terngrad":
         return 4 + cdiv(n, 4)
     if cid == "sign":
@@ -142,7 +148,7 @@ def test_payload_bytes_match_formula(cfg, n):
     codec = get_codec(cfg)
     x = randn(n, seed=n)
     enc, dec = roundtrip(codec, x)
-    assert enc.payload_bytes == expected_bytes(cfg, n)
+    assert enc.payload_bytes == expected_bytes(cfg, n, nonzero(dec))
     for name, a in enc.parts.items():
         assert name in codec.part_names and a.ndim == 1
     assert dec.shape == x.shape and dec.dtype == torch.float32
@@ -165,7 +171,8 @@ def test_roundtrip_through_update_codec(cfg):
         assert out.payload_bytes == res.payload_bytes
         if cfg["id"] in ("ef_sign", "onebit_ef", "qsgd_zstd"):
             continue
-        assert res.payload_bytes == sum(expected_bytes(cfg, math.prod(s)) for _, s in params)
+        assert res.payload_bytes == sum(expected_bytes(cfg, math.prod(s), nonzero(res.recon[name]))
+                                        for name, s in params)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
@@ -174,7 +181,7 @@ def test_large_tensor_crosses_chunks(cfg):
     x = randn(n, seed=5, scale=1e-3)
     x[bitpack.CHUNK - 1:bitpack.CHUNK + 2] = 0.0  # zeros at a chunk boundary
     enc, dec = roundtrip(get_codec(cfg), x)
-    assert enc.payload_bytes == expected_bytes(cfg, n)
+    assert enc.payload_bytes == expected_bytes(cfg, n, nonzero(dec))
     assert torch.equal(dec, enc.recon) and bool(torch.isfinite(dec).all())
     rel = float((dec - x).norm() / x.norm())
     assert rel < {"uniform": 3.0, "qsgd": 40.0, "terngrad": 3.0, "sign": 1e4, "onebit": 1.0, "natural": 0.5}[cfg["id"]]
@@ -432,6 +439,61 @@ def test_qsgd_zstd_entropy_codes_levels():
     assert "levels" in e2.coding and "signs" not in e2.coding
 
 
+def qsgd_levels(cfg: dict, enc: Encoded, n: int) -> np.ndarray:
+    s = cfg.get("levels", 4)
+    lv = enc.parts["levels"]
+    return lv.astype(np.int64) if s > 255 else bitpack.unpack_bits(lv, s.bit_length(), n)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["id"] == "qsgd"], ids=str)
+def test_qsgd_signs_only_for_nonzero_levels(cfg):
+    n = 4097
+    x = randn(n, seed=21)
+    x[::5] = 0.0
+    x[1::10] = -0.0
+    enc, dec = roundtrip(get_codec(cfg), x)
+    lv = qsgd_levels(cfg, enc, n)
+    k = int(np.count_nonzero(lv))
+    assert 0 < k < n and k == nonzero(dec) and not lv[::5].any()
+    assert enc.parts["signs"].size == cdiv(k, 8)
+    np.testing.assert_array_equal(bitpack.unpack_signs(enc.parts["signs"], k), (x.numpy() < 0)[lv != 0])
+
+
+def test_qsgd_zstd_bytes_on_small_gradients():
+    """1M N(0, 1e-3^2) entries, 4 levels: a few thousand non-zero levels; a sign bit per element
+    (131 KB, issue 3) would cost ~15x everything else the message carries."""
+    n = 1 << 20
+    enc, dec = roundtrip(get_codec("qsgd_zstd"), randn(n, seed=22, scale=1e-3))
+    k = nonzero(dec)
+    assert 1000 < k < 10_000 and enc.parts["signs"].nbytes == cdiv(k, 8)
+    assert "levels" in enc.coding and enc.payload_bytes < n // 64
+
+
+@pytest.mark.parametrize("s", [4, 300])
+def test_qsgd_each_message_has_one_valid_form(s):
+    """Signs exist only for non-zero levels (padding bits zero); a zero or NaN norm has no
+    non-zero level; the old layout (a sign bit per element) is refused."""
+    codec, n = get_codec({"id": "qsgd", "levels": s}), 13
+    lv = np.array([0, 1, 0, 3, 0, 0, 4, 0, 0, 2, 0, 0, 1])  # k = 5
+    levels = lv.astype(np.uint16) if s > 255 else bitpack.pack_bits(lv.astype(np.uint8), 3)
+    signs = np.packbits(np.array([1, 0, 0, 1, 1], np.uint8), bitorder="little")
+    parts = {"norm": np.array([2.0], np.float32), "signs": signs, "levels": levels}
+    neg = np.isin(np.arange(n), [1, 9, 12])  # the non-zero levels are at 1, 3, 6, 9, 12
+    want = np.where(neg, np.float32(-1), np.float32(1)) * (lv.astype(np.float32) * np.float32(2.0 / s))
+    np.testing.assert_array_equal(codec.decode(Encoded(dict(parts)), make_ctx((n,))).numpy(), want)
+    for bit in range(5, 8):  # a sign bit beyond the fifth non-zero level
+        assert_rejected(codec, {**parts, "signs": signs | np.uint8(1 << bit)}, n)
+    dense = np.packbits(neg.astype(np.uint8), bitorder="little")
+    assert_rejected(codec, {**parts, "signs": dense}, n)  # one bit per element: 2 bytes, not 1
+    for norm in (0.0, float("nan")):
+        assert_rejected(codec, {**parts, "norm": np.array([norm], np.float32)}, n)
+        zero = np.zeros(n, np.uint16) if s > 255 else bitpack.pack_bits(np.zeros(n, np.uint8), 3)
+        ok = {"norm": np.array([norm], np.float32), "signs": np.zeros(0, np.uint8), "levels": zero}
+        out = codec.decode(Encoded(dict(ok)), make_ctx((n,))).numpy()
+        assert (out == 0).all() if norm == 0 else np.isnan(out).all()
+        assert_rejected(codec, {**ok, "signs": np.zeros(1, np.uint8)}, n)  # signs without non-zero levels
+
+
 # ------------------------------------------------------------ malformed
 
 def good(cfg, n=13):
@@ -500,7 +562,8 @@ def test_malformed_values(cfg):
             bits = {"signs": 1}.get(name, cfg.get("bits", 2 if cid == "terngrad" else 8))
             if name == "levels":
                 bits = cfg.get("levels", 4).bit_length()
-            if (n * bits) % 8:
+            count = n if (cid, name) != ("qsgd", "signs") else nonzero(codec.decode(Encoded(dict(p)), make_ctx((n,))))
+            if (count * bits) % 8:
                 bad = a.copy()
                 bad[-1] |= 0x80
                 assert_rejected(codec, {**p, name: bad}, n)
