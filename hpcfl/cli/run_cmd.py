@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import subprocess  # noqa: F401 - tests trap run_cmd.subprocess; mpiexec starts in hpcfl.run.failure_report
 import sys
 import tempfile
 import traceback
@@ -158,17 +158,21 @@ def _self_launch(args) -> int:
     fd, note = tempfile.mkstemp(prefix="hpcfl-fail-", suffix=".txt")
     os.close(fd)
     env[FAIL_NOTE_ENV] = note
+    from hpcfl.run.failure_report import launch
+
+    reason = None
     try:
-        rc = subprocess.call(cmd, env=env)
+        seen = launch(cmd, env, job.run.ranks)  # subprocess.call, watching which rank dies first
+        rc = seen.rc
         if rc != 0:
-            _mark_failed(out, rc, Path(note))
+            reason = _mark_failed(out, rc, Path(note), seen)
     finally:
         Path(note).unlink(missing_ok=True)
     if rc != 0:
         # the failing rank's own lines can be lost while MPI_Abort tears the job down: repeat the
         # reason recorded in the file, so this last line always says what happened
         status, done = _file_status(out)
-        print(f"hpcfl run: {status or f'the MPI job exited with code {rc}'}"
+        print(f"hpcfl run: {status or (f'failed: {reason}' if reason else f'the MPI job exited with code {rc}')}"
               + (f"; {done} completed rounds are in {out}" if done is not None else ""), file=sys.stderr)
     return rc
 
@@ -197,9 +201,10 @@ def _check_writable(out: Path) -> None:
         raise UsageError(f"cannot write the run file {out}: {e.strerror} ({out.parent})") from None
 
 
-def _mark_failed(out, rc: int, note: Path | None = None) -> None:
+def _mark_failed(out, rc: int, note: Path | None = None, seen=None) -> str:
     """A job killed by MPI_Abort cannot close its file: record the failure from outside, with the
-    first failing rank's own one-line reason when it left one (``FAIL_NOTE_ENV``)."""
+    first failing rank's own one-line reason when it left one (``FAIL_NOTE_ENV``), else the rank the
+    self-launcher saw die first (``seen``, hpcfl.run.failure_report). Returns the reason."""
     from hpcfl.results.repair import mark_failed
 
     reason = f"MPI job exited with code {rc}"
@@ -207,16 +212,20 @@ def _mark_failed(out, rc: int, note: Path | None = None) -> None:
         first = note.read_text(errors="replace").splitlines()[0].strip() if note else ""
     except (OSError, IndexError):
         first = ""
-    if not first and rc in (9, 137, -9) and Path(out).exists():
+    if not first:
+        # no rank left a reason: one was killed outright (SIGKILL, OOM killer, segfault). Hydra's
+        # "BAD TERMINATION ... PID" names whichever process it reaped first, so the rank comes from
+        # the self-launcher's own watch of the ranks (hpcfl/run/failure_report.py).
         from hpcfl.results.repair import clear_status_flags
+        from hpcfl.run.failure_report import Launch, describe
 
-        clear_status_flags(out)  # the dead writer left HDF5's "open for writing" flag set
-        # no rank left a reason: one was killed outright. Hydra's "BAD TERMINATION ... PID" names
-        # whichever process it reaped first, not the killed one, so no rank is named here.
+        if Path(out).exists():
+            clear_status_flags(out)  # the dead writer left HDF5's "open for writing" flag set
         _, done = _file_status(out)
-        first = (f"a rank was killed by SIGKILL during round {done} (out of memory, scancel or a node "
-                 "failure?); the MPI launcher does not say which rank" if done is not None else "")
-    mark_failed(out, f"{reason}; {first}"[:900] if first else reason)
+        first = describe(seen if seen is not None else Launch(rc=rc), done) or ""
+    reason = f"{reason}; {first}"[:900] if first else reason
+    mark_failed(out, reason)
+    return reason
 
 
 def _leave_note(line: str) -> None:
@@ -236,6 +245,9 @@ def _run_in_mpi(args, launcher: str) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    from hpcfl.run.failure_report import record_rank
+
+    record_rank(rank)  # pid and host, for the self-launcher to name a rank killed outright
     try:
         from hpcfl.config import load_job
         from hpcfl.run.orchestrator import resolve_out_path, run_job
@@ -277,8 +289,11 @@ def _run_in_mpi(args, launcher: str) -> int:
         return 0
     except UsageError as e:
         # every rank usually fails the same way: rank 0 speaks, all leave with code 2
-        # (N silent singletons are all rank 0: only Slurm task 0 speaks)
-        if rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0":
+        # (N silent singletons are all MPI rank 0: only the launcher's process 0 speaks, i.e.
+        # Slurm task 0 under srun, PMI_RANK / OMPI_COMM_WORLD_RANK 0 under a mismatched mpiexec)
+        from hpcfl.run.launch import launcher_rank
+
+        if rank == 0 and (size > 1 or launcher_rank() == 0):
             print(f"hpcfl run: error: {e}", file=sys.stderr, flush=True)
         if size > 1:
             comm.Abort(2)

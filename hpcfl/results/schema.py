@@ -126,7 +126,9 @@ CODEC_STAT_FIELDS: tuple[Metric, ...] = (
 META: tuple[Metric, ...] = (
     Metric("client_rank", "i4", "1", "Rank hosting each client (static round-robin)."),
     Metric("client_train_samples", "i8", "1", "Training samples of each client."),
-    Metric("hostnames", "S", "", "Host name of each rank."),
+    Metric("hostnames", "S", "", "Host name of each rank (of the latest launch, after a resume)."),
+    Metric("pids", "i8", "1", "Process id of each rank (of the latest launch): maps a PID in the MPI "
+           "launcher's messages, e.g. Hydra's BAD TERMINATION banner, to a rank."),
     Metric("slot_names", "S", "", "The codec's tensor table: parameter name per slot (@model = all lossy "
            "parameters flattened, routing.scope = model)."),
 )
@@ -192,5 +194,6 @@ ROOT_ATTRS: dict[str, str] = {
     "versions_json": "python, torch, numpy, h5py, mpi4py versions.",
     "git_commit": "git commit of the hpcfl source tree, or ''.",
     "command": "The command line of rank 0.",
-    "resumes_json": "Each hpcfl run --resume: when, and after how many rounds it continued.",
+    "resumes_json": "Present only after a resume: each hpcfl run --resume, when, and after how many rounds it "
+                    "continued.",
 }

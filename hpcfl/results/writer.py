@@ -143,12 +143,15 @@ class RunLog:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, rounds_done: int,
-               calibration: Mapping[str, Any] | None = None) -> "RunLog":
+               calibration: Mapping[str, Any] | None = None,
+               meta: Mapping[str, np.ndarray] | None = None) -> "RunLog":
         """Reopen a run file to continue after ``rounds_done`` rounds (hpcfl run --resume).
 
         Rows of later rounds (written after the checkpoint) are cut off: the resumed
         run recomputes them. The file's consistency flags, left set by a killed
         writer, are cleared first. A ``calibration`` is stored beside any earlier one.
+        ``meta``: per-rank /meta arrays of this launch (host names, pids) that replace the
+        earlier launch's; one of another length (another world size) is left alone.
         """
         from hpcfl.results.repair import clear_status_flags
 
@@ -187,6 +190,13 @@ class RunLog:
         f.attrs["rounds_done"] = rounds_done
         if calibration is not None:
             write_calibration(f, calibration, rounds_done)
+        mg = f.require_group("meta")
+        for k, v in (meta or {}).items():
+            if k in mg and mg[k].shape != np.shape(v):
+                continue  # another world size: run_job refuses the resume
+            if k in mg:
+                del mg[k]
+            mg.create_dataset(k, data=v)
         f.flush()
         f.swmr_mode = True
         return self

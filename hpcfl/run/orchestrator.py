@@ -56,6 +56,19 @@ def _calibrate(job: Job, comm) -> dict | None:
     return cal
 
 
+def release_free_heap() -> None:
+    """Hand the heap that setup freed (data generation, model build, imports) back to the OS (glibc's
+    malloc_trim; a no-op elsewhere). Left resident, that memory is reused silently, so a leak would
+    not show in /ranks/rss_bytes until it had filled it: about 20 MiB per worker in the reduced soak
+    (tests/mpi/test_soak.py, docs/reliability.md "Soak")."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite: bool = False,
             comm=None, resume_k: int | None = None) -> None:
     import torch
@@ -74,12 +87,13 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
     if job.data.n_clients < tr.n_workers:
         raise ConfigError("data.n_clients", f"{job.data.n_clients} clients for {tr.n_workers} worker ranks: "
                           "every worker rank needs at least one client")
-    hosts = tr.gather_strings(socket.gethostname())
+    procs = tr.gather_strings(f"{os.getpid()} {socket.gethostname()}")  # /meta: pid and host per rank
     calibration = _calibrate(job, tr.comm)  # before any training, while the network is quiet
 
     from hpcfl.run.setup import build_setup
 
     s = build_setup(job)
+    release_free_heap()
     if not tr.is_root:
         from hpcfl.run.worker import run_worker
 
@@ -101,10 +115,12 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         "command": provenance.command_line(), "dataset": job.data.dataset,
         **provenance.mpi_facts(tr.comm),
     }
+    pids = np.array([int(p.split(" ", 1)[0]) for p in procs], dtype=np.int64)
+    hosts = np.array([p.split(" ", 1)[1].encode() for p in procs])
     meta = {
         "client_rank": np.array([host_rank(c, tr.n_workers) for c in range(job.data.n_clients)], dtype=np.int32),
         "client_train_samples": s.n_samples,
-        "hostnames": np.array([h.encode() for h in hosts]),
+        "hostnames": hosts, "pids": pids,
         "slot_names": np.array([sl.name.encode() for sl in s.codec.slots]),
     }
     if resume_k is None:  # Acc_0 for per-bit accuracy: the initial global model on the test set
@@ -116,7 +132,7 @@ def run_job(job: Job, out: Path, *, launcher: str, progress_mode: str, overwrite
         attrs.update(initial_accuracy=acc0, initial_loss=loss0)
     progress = Progress(progress_mode, job.run.rounds, job.run.name)
     if resume_k is not None:
-        log = RunLog.resume(out, resume_k, calibration=calibration)
+        log = RunLog.resume(out, resume_k, calibration=calibration, meta={"hostnames": hosts, "pids": pids})
         if log.f["ranks"].shape[1] != tr.size:  # the rank table's width is fixed at creation
             log.close("failed: resumed on a different world size")
             raise WorldSizeError(f"{out} was written by {log.f['ranks'].shape[1]} ranks; resume with the same "
